@@ -1,0 +1,7 @@
+"""``python -m clipal``: the same as the ``clipal`` command."""
+
+import sys
+
+from clipal.cli import main
+
+sys.exit(main())

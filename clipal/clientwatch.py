@@ -1,0 +1,92 @@
+"""Notice, while waiting on an upstream, that the agent hung up.
+
+A WSGI app normally learns that its client went away only when a write
+fails, which for a proxy is far too late: it would keep waiting on a stalled
+provider and then spend another provider's quota on an answer nobody reads.
+:class:`ClientWatch` watches the client socket for readability with a gevent
+io watcher (no extra greenlet). After the request body has been read, an
+agent sends nothing more until the response ends, so a readable socket that
+yields EOF (or a reset) means the client has gone.
+
+Inside :meth:`ClientWatch.guard`, that event raises :class:`ClientGone` in
+the waiting greenlet, interrupting whatever upstream wait it is blocked in.
+Outside a guard (e.g. while the server writes to the client) it is only
+recorded, so gevent's own server code is never interrupted.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from contextlib import contextmanager
+from typing import Iterator
+
+import gevent
+from gevent import getcurrent
+
+
+class ClientGone(Exception):
+    """The client closed its connection; abandon the attempt without blaming the provider."""
+
+
+_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+_READ = 1  # libev/libuv EV_READ
+
+
+def client_socket(environ: dict) -> socket.socket | None:
+    """The client's socket, from clipal's gevent handler or gunicorn's gevent worker."""
+    return environ.get("clipal.client_socket") or environ.get("gunicorn.socket")
+
+
+class ClientWatch:
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.gone = False
+        self._sock = sock
+        self._watcher = None
+        self._greenlet = None
+        self._armed = False
+        if sock is not None:
+            try:
+                fileno = sock.fileno()
+            except OSError:
+                return
+            if fileno >= 0:
+                self._watcher = gevent.get_hub().loop.io(fileno, _READ)
+                self._watcher.start(self._on_readable)
+
+    def _on_readable(self) -> None:
+        # Runs in the hub. Look without consuming: EOF or reset means gone;
+        # actual bytes mean a pipelined request, which is not our business.
+        try:
+            data = self._sock.recv(1, _PEEK_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                return
+            data = b""
+        self.stop()
+        if data:
+            return
+        self.gone = True
+        if self._armed and self._greenlet is not None:
+            self._greenlet.throw(ClientGone())
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Let a client hang-up interrupt the enclosed wait with :class:`ClientGone`."""
+        if self.gone:
+            raise ClientGone()
+        self._greenlet = getcurrent()
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+            self._greenlet = None
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.close()
+            self._watcher = None

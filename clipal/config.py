@@ -1,0 +1,350 @@
+"""Configuration: parse and validate the YAML files into frozen dataclasses.
+
+Everything a running clipal knows about its configuration comes from
+:func:`load_config`. Validation is strict (unknown keys, wrong types,
+duplicate names are errors) because a typo in a YAML file should fail loudly
+at start, or keep the old configuration during a hot reload, rather than
+silently change which provider receives a user's requests.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+import yaml
+
+from .clients import CLIENTS, ClientKind
+
+CONFIG_FILE = "config.yaml"
+
+#: Where a provider's key may be forced to go (SPEC §4.1).
+AUTH_CARRIERS = ("x-api-key", "authorization", "x-goog-api-key", "query")
+
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, rendered as one line naming file, provider and field.
+
+    Example: ``codex.yaml: provider "x": api_key is required``.
+    """
+
+    def __init__(self, file: str, message: str, *, provider: str | None = None) -> None:
+        self.file = file
+        self.provider = provider
+        self.message = message
+        where = f'provider "{provider}": ' if provider is not None else ""
+        super().__init__(f"{file}: {where}{message}")
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    base_url: str
+    api_key: str
+    priority: int = 1
+    enabled: bool = True
+    auth_header: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The global settings of config.yaml, with SPEC §2 defaults."""
+
+    listen_addr: str = "127.0.0.1"
+    port: int = 3333
+    log_level: str = "info"
+    reactivate_after: float = 3600.0
+    upstream_idle_timeout: float = 180.0
+    max_request_body_bytes: int = 32 * 1024 * 1024
+    log_dir: str = ""
+    log_retention_days: int = 7
+    log_stdout: bool = True
+    ignore_count_tokens_failover: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """One consistent snapshot of every file in the config directory."""
+
+    config_dir: Path
+    settings: Settings = field(default_factory=Settings)
+    #: client name -> providers in file order (all of them, enabled or not)
+    providers: Mapping[str, tuple[Provider, ...]] = field(default_factory=dict)
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.settings.log_dir).expanduser() if self.settings.log_dir else self.config_dir / "logs"
+
+    def secrets(self) -> list[str]:
+        """Every provider key, for log redaction."""
+        return [p.api_key for ps in self.providers.values() for p in ps]
+
+
+# --- durations --------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: object) -> float:
+    """Parse a Go-style duration (``90s``, ``3m``, ``1h30m``, ``0``) or a number of seconds.
+
+    Returns seconds. Raises ValueError for anything else, including negatives.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 90s, 3m, 1h30m or a number of seconds")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)
+        else:
+            pos, seconds = 0, 0.0
+            while pos < len(text):
+                match = _DURATION_PART.match(text, pos)
+                if not match:
+                    raise ValueError(f"invalid duration {value!r} (use e.g. 90s, 3m, 1h30m, 0)")
+                seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+                pos = match.end()
+            if not text:
+                raise ValueError("empty duration")
+    else:
+        raise ValueError("expected a duration like 90s, 3m, 1h30m or a number of seconds")
+    if seconds < 0 or math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError(f"invalid duration {value!r}: must be zero or positive")
+    return seconds
+
+
+# --- field checkers -----------------------------------------------------------
+# Each takes the raw YAML value and returns the typed value or raises ValueError
+# with a message that completes "<field> ...".
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {_type_name(value)}")
+    return value
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {_type_name(value)}")
+    return value
+
+
+def _integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be an integer, got {_type_name(value)}")
+    return value
+
+
+def _port(value: object) -> int:
+    port = _integer(value)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"must be between 1 and 65535, got {port}")
+    return port
+
+
+def _non_negative(value: object) -> int:
+    number = _integer(value)
+    if number < 0:
+        raise ValueError(f"must be zero or positive, got {number}")
+    return number
+
+
+def _positive(value: object) -> int:
+    number = _integer(value)
+    if number <= 0:
+        raise ValueError(f"must be positive, got {number}")
+    return number
+
+
+def _duration(value: object) -> float:
+    return parse_duration(value)
+
+
+def _log_level(value: object) -> str:
+    level = _string(value).strip().lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"must be one of debug, info, warn, error, got {value!r}")
+    return "warn" if level == "warning" else level
+
+
+def _listen_addr(value: object) -> str:
+    addr = _string(value).strip()
+    if not addr:
+        raise ValueError("must not be empty")
+    return addr
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "nothing"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+_SETTINGS_FIELDS = {
+    "listen_addr": _listen_addr,
+    "port": _port,
+    "log_level": _log_level,
+    "reactivate_after": _duration,
+    "upstream_idle_timeout": _duration,
+    "max_request_body_bytes": _positive,
+    "log_dir": _string,
+    "log_retention_days": _non_negative,
+    "log_stdout": _boolean,
+    "ignore_count_tokens_failover": _boolean,
+}
+
+
+def _check_base_url(value: object) -> str:
+    url = _string(value).strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL with a host, got {url!r}")
+    try:
+        parts.port  # raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"has an invalid port: {url!r}") from None
+    if parts.query or parts.fragment:
+        raise ValueError(f"must not contain a query or fragment, got {url!r}")
+    return url
+
+
+def _auth_header(value: object) -> str:
+    carrier = _string(value).strip().lower()
+    if carrier not in AUTH_CARRIERS:
+        raise ValueError(f"must be one of {', '.join(AUTH_CARRIERS)}, got {value!r}")
+    return carrier
+
+
+_PROVIDER_FIELDS = {
+    "name": _string,
+    "base_url": _check_base_url,
+    "api_key": _string,
+    "priority": _integer,
+    "enabled": _boolean,
+    "auth_header": _auth_header,
+}
+_PROVIDER_REQUIRED = ("name", "base_url", "api_key")
+
+
+# --- files ------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> Any:
+    """The parsed document, or None when the file is missing or empty."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        raise ConfigError(path.name, "is not valid UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(path.name, f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(path.name, f"is not valid YAML{where}: {problem}") from None
+
+
+def parse_settings(document: Any, file: str = CONFIG_FILE) -> Settings:
+    if document is None:
+        return Settings()
+    if not isinstance(document, dict):
+        raise ConfigError(file, f"must be a mapping of settings, got {_type_name(document)}")
+    values: dict[str, Any] = {}
+    for key, raw in document.items():
+        checker = _SETTINGS_FIELDS.get(key)
+        if checker is None:
+            raise ConfigError(file, f"unknown key {key!r}")
+        if raw is None and key == "log_dir":
+            raw = ""  # `log_dir:` with no value means the default, as in the seed's example
+        try:
+            values[key] = checker(raw)
+        except ValueError as exc:
+            raise ConfigError(file, f"{key} {exc}") from None
+    return Settings(**values)
+
+
+def parse_providers(document: Any, file: str) -> tuple[Provider, ...]:
+    if document is None:
+        return ()
+    if not isinstance(document, dict):
+        raise ConfigError(file, f"must be a mapping with a providers list, got {_type_name(document)}")
+    for key in document:
+        if key != "providers":
+            raise ConfigError(file, f"unknown key {key!r}")
+    entries = document.get("providers")
+    if entries is None:
+        return ()
+    if not isinstance(entries, list):
+        raise ConfigError(file, f"providers must be a list, got {_type_name(entries)}")
+
+    providers: list[Provider] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries, start=1):
+        label = entry.get("name") if isinstance(entry, dict) and isinstance(entry.get("name"), str) else f"#{index}"
+        if not isinstance(entry, dict):
+            raise ConfigError(file, f"must be a mapping, got {_type_name(entry)}", provider=label)
+        values: dict[str, Any] = {}
+        for key, raw in entry.items():
+            checker = _PROVIDER_FIELDS.get(key)
+            if checker is None:
+                raise ConfigError(file, f"unknown key {key!r}", provider=label)
+            if raw is None and key == "auth_header":
+                continue
+            if raw is None and key in _PROVIDER_REQUIRED:
+                raise ConfigError(file, f"{key} is required", provider=label)
+            try:
+                values[key] = checker(raw)
+            except ValueError as exc:
+                raise ConfigError(file, f"{key} {exc}", provider=label) from None
+        for key in _PROVIDER_REQUIRED:
+            if key not in values or not str(values[key]).strip():
+                raise ConfigError(file, f"{key} is required", provider=label)
+        if values["name"] in seen:
+            raise ConfigError(file, "duplicate provider name", provider=values["name"])
+        seen.add(values["name"])
+        providers.append(Provider(**values))
+    return tuple(providers)
+
+
+def load_config(config_dir: Path) -> Config:
+    """Read and validate every file in ``config_dir``.
+
+    Missing directory or files are not errors: defaults apply, and a client
+    without a file simply has no providers. Raises :class:`ConfigError`.
+    """
+    config_dir = Path(config_dir).expanduser()
+    settings = parse_settings(_read_yaml(config_dir / CONFIG_FILE))
+    providers = {
+        client.name: parse_providers(_read_yaml(config_dir / client.file), client.file)
+        for client in CLIENTS
+    }
+    return Config(config_dir=config_dir, settings=settings, providers=providers)
+
+
+def config_files(config_dir: Path) -> list[Path]:
+    """Every file clipal reads, in the order they are validated."""
+    return [config_dir / CONFIG_FILE] + [config_dir / client.file for client in CLIENTS]
+
+
+def active_providers(providers: tuple[Provider, ...]) -> tuple[Provider, ...]:
+    """Enabled providers by priority; ties keep file order (sorted() is stable)."""
+    return tuple(sorted((p for p in providers if p.enabled), key=lambda p: p.priority))
+
+
+def client_for(name: str) -> ClientKind:
+    return next(c for c in CLIENTS if c.name == name)

@@ -1,0 +1,239 @@
+"""One attempt against one provider, up to the commit point, and the stream after it.
+
+:func:`send` sends the request and waits for what SPEC §4.5 calls the commit
+point: the response headers *and* the first body bytes (or the first whole
+event of an SSE stream, so an error event can still fail over). Any failure
+before that raises :class:`AttemptFailed` with a verdict for the failover
+state; nothing has reached the client yet. :func:`stream_rest` then relays
+the remaining bytes exactly as they arrive.
+
+Bytes are read with urllib3's ``read1(decode_content=False)``: it returns
+whatever has arrived (one recv) instead of waiting to fill a buffer, it
+removes chunked framing but never content encoding, so a gzip body stays
+gzip. Every wait on the upstream is bounded by one ``gevent.Timeout``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import gevent
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from .classify import RETURN, Kind, Verdict, classify_response, classify_sse_error
+from .outbound import UpstreamRequest, end_to_end
+
+#: Largest read handed to the client at once; smaller reads return as soon as bytes arrive.
+READ_SIZE = 64 * 1024
+#: Error bodies are read up to this size for classification and logs.
+ERROR_BODY_LIMIT = 64 * 1024
+#: An SSE response is committed after its first event, or after this many bytes without one.
+FIRST_EVENT_LIMIT = 64 * 1024
+#: Opening a TCP/TLS connection gets at most this long (or the idle timeout, if shorter).
+CONNECT_TIMEOUT = 15.0
+
+#: Statuses whose verdict depends on the body (or its retry hint), so the body is read first.
+_FAILOVER_STATUSES = frozenset({401, 402, 403, 408, 429, 500, 502, 503, 504, 529})
+
+
+class AttemptFailed(Exception):
+    """The provider failed before anything reached the client."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.reason)
+        self.verdict = verdict
+
+
+class UpstreamIdle(Exception):
+    """No bytes from the upstream within the idle timeout."""
+
+
+def _network_failure(reason: str, kind: Kind = Kind.SERVER_ERROR) -> AttemptFailed:
+    return AttemptFailed(Verdict(failover=True, kind=kind, deactivate=False, cooldown=None, reason=reason))
+
+
+def new_session() -> requests.Session:
+    """A session shared by all greenlets: big connection pools, no default headers.
+
+    ``trust_env`` stays off so requests does not re-read proxy variables and
+    netrc on every request; :func:`proxies_for` honours proxy variables once
+    per base URL instead.
+    """
+    session = requests.Session()
+    session.headers.clear()  # send the client's headers, not requests' defaults
+    session.trust_env = False
+    adapter = HTTPAdapter(pool_connections=32, pool_maxsize=512, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+_proxy_cache: dict[str, dict[str, str]] = {}
+
+
+def proxies_for(url: str) -> dict[str, str]:
+    """HTTP(S)_PROXY / NO_PROXY for this URL's origin, looked up once per origin."""
+    origin = url.split("/", 3)
+    key = "/".join(origin[:3])
+    if key not in _proxy_cache:
+        _proxy_cache[key] = requests.utils.get_environ_proxies(key) or {}
+    return _proxy_cache[key]
+
+
+@dataclass
+class Ready:
+    """An upstream response at its commit point: safe to start sending to the client."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    first: bytes
+    response: requests.Response
+
+    def close(self) -> None:
+        self.response.close()
+
+
+def _bounded(timeout: float) -> gevent.Timeout:
+    return gevent.Timeout(timeout or None, UpstreamIdle)
+
+
+def _read_some(response: requests.Response, timeout: float) -> bytes:
+    """The next bytes of the raw (still encoded) body; ``b""`` at its end."""
+    with _bounded(timeout):
+        return response.raw.read1(READ_SIZE, decode_content=False) or b""
+
+
+def _read_up_to(response: requests.Response, limit: int, timeout: float, *, until_event: bool = False) -> bytes:
+    """Read until EOF, ``limit`` bytes, or (with ``until_event``) the end of the first SSE event."""
+    buffer = bytearray()
+    while len(buffer) < limit:
+        data = _read_some(response, timeout)
+        if not data:
+            break
+        buffer += data
+        if until_event and (b"\n\n" in buffer or b"\r\n\r\n" in buffer or b"\r\r" in buffer):
+            break
+    return bytes(buffer)
+
+
+def _known_empty(method: str, status: int, response: requests.Response) -> bool:
+    return (
+        method == "HEAD"
+        or status in (204, 304)
+        or 100 <= status < 200
+        or response.headers.get("Content-Length") == "0"
+    )
+
+
+def _is_event_stream(response: requests.Response) -> bool:
+    return response.headers.get("Content-Type", "").lower().startswith("text/event-stream")
+
+
+def send(session: requests.Session, request: UpstreamRequest, body: bytes, idle_timeout: float) -> Ready:
+    """Run one attempt up to the commit point. Raises :class:`AttemptFailed`.
+
+    The caller owns the returned response and must close it on every path.
+    """
+    connect = min(CONNECT_TIMEOUT, idle_timeout) if idle_timeout else CONNECT_TIMEOUT
+    try:
+        with _bounded(idle_timeout):
+            response = session.request(
+                request.method, request.url, headers=_as_mapping(request.headers),
+                data=body or None, stream=True, allow_redirects=False,
+                timeout=(connect, None), proxies=proxies_for(request.url),
+            )
+    except UpstreamIdle:
+        raise _network_failure(f"no response headers within {_seconds(idle_timeout)}", Kind.TIMEOUT) from None
+    except requests.exceptions.ConnectTimeout:
+        raise _network_failure("connect timeout") from None
+    except requests.exceptions.ConnectionError as exc:
+        raise _network_failure(f"connection failed: {describe_error(exc)}") from None
+    except requests.exceptions.RequestException as exc:
+        raise _network_failure(f"request failed: {describe_error(exc)}") from None
+
+    try:
+        return _to_commit_point(request.method, response, idle_timeout)
+    except BaseException:
+        response.close()
+        raise
+
+
+def _to_commit_point(method: str, response: requests.Response, idle_timeout: float) -> Ready:
+    status = response.status_code
+    try:
+        if status in _FAILOVER_STATUSES:
+            error_body = _read_up_to(response, ERROR_BODY_LIMIT, idle_timeout)
+            verdict = classify_response(status, response.headers, error_body, now=time.time())
+            if verdict.failover:
+                raise AttemptFailed(verdict)
+            first = error_body  # defensive: a failover status the classifier returned as-is
+        elif _known_empty(method, status, response):
+            first = b""
+        elif 200 <= status < 300 and _is_event_stream(response):
+            first = _read_up_to(response, FIRST_EVENT_LIMIT, idle_timeout, until_event=True)
+            verdict = classify_sse_error(first, now=time.time())
+            if verdict is not None:
+                raise AttemptFailed(verdict)
+        else:
+            first = _read_some(response, idle_timeout)
+    except UpstreamIdle:
+        raise _network_failure(f"no body bytes within {_seconds(idle_timeout)} (HTTP {status})", Kind.TIMEOUT) from None
+    except (requests.exceptions.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
+        raise _network_failure(f"connection broke before the body (HTTP {status}): {describe_error(exc)}") from None
+
+    headers = end_to_end(list(response.raw.headers.items()))
+    return Ready(status=status, reason=response.reason or "", headers=headers, first=first, response=response)
+
+
+def stream_rest(ready: Ready, idle_timeout: float) -> Iterator[bytes]:
+    """The rest of the body, chunk by chunk as it arrives.
+
+    Raises :class:`UpstreamIdle` on a stall and ``OSError``/urllib3 errors
+    when the upstream breaks; on a clean end the connection goes back to the
+    pool for reuse.
+    """
+    response = ready.response
+    while True:
+        data = _read_some(response, idle_timeout)
+        if not data:
+            response.raw.release_conn()
+            return
+        yield data
+
+
+def _as_mapping(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """requests takes a mapping: repeated request headers are joined as HTTP allows."""
+    merged: dict[str, str] = {}
+    names: dict[str, str] = {}
+    for name, value in headers:
+        lower = name.lower()
+        if lower in names:
+            merged[names[lower]] += ", " + value
+        else:
+            names[lower] = name
+            merged[name] = value
+    return merged
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short, key-free description of a network error for the log."""
+    seen = exc
+    while seen.__cause__ is not None or getattr(seen, "reason", None) is not None:
+        nxt = seen.__cause__ or getattr(seen, "reason", None)
+        if not isinstance(nxt, BaseException) or nxt is seen:
+            break
+        seen = nxt
+    text = str(seen) or type(seen).__name__
+    # urllib3 messages embed object reprs; keep the human part.
+    if ">: " in text:
+        text = text.split(">: ", 1)[1]
+    return text.strip("()'\" ")[:200]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
