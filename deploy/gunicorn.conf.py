@@ -1,0 +1,70 @@
+"""gunicorn settings for serving clipal with gevent workers.
+
+    CLIPAL_CONFIG_DIR=~/.clipal gunicorn -c deploy/gunicorn.conf.py 'clipal.wsgi:app'
+
+Environment (all optional):
+    CLIPAL_CONFIG_DIR  config directory read by clipal.wsgi (default ~/.clipal)
+    CLIPAL_BIND        address to listen on (default 127.0.0.1:3333); gunicorn's --bind wins
+    CLIPAL_WORKERS     number of worker processes (default 2)
+
+Each worker is a separate process with its OWN failover state and its OWN config
+watcher. Failover is therefore learned per worker: a provider that worker 1 has
+deactivated (bad key, quota) or is cooling down (429) may still be tried once by worker 2,
+and each worker keeps its own "current provider". Every worker reloads the config files
+by itself when they change, within a second or two of each other. With 2 workers you
+get a spare process if one dies; one gevent worker already serves many concurrent
+streams, so CLIPAL_WORKERS=1 gives a single, shared failover memory. `clipal` itself
+(one process) is the simplest choice for one user; gunicorn is for running it under an
+existing gunicorn setup.
+
+clipal's own settings in config.yaml (timeouts, body limit, logging) apply unchanged;
+listen_addr and port in config.yaml are ignored here: gunicorn owns the socket.
+"""
+
+import os
+
+# gevent: every request is a greenlet, so long streaming responses do not tie up a
+# process. The worker monkey-patches before it imports the app (see preload_app).
+worker_class = "gevent"
+
+bind = [os.environ.get("CLIPAL_BIND", "127.0.0.1:3333")]
+
+workers = int(os.environ.get("CLIPAL_WORKERS", "2"))
+
+# Concurrent connections per worker. An agent session holds a few at a time; the
+# upstream requests are made from the same greenlets.
+worker_connections = 1000
+
+# Import the app in each worker after the fork, not once in the master: gevent must
+# patch sockets before clipal imports requests/ssl, and the config-watcher greenlet and
+# the failover state have to belong to the worker that uses them.
+preload_app = False
+
+# For gevent workers `timeout` is not a per-request limit: the worker's main greenlet
+# reports to the master every second however long a response streams (answers can
+# stream for many minutes). It only restarts a worker whose event loop has been blocked
+# this long. clipal bounds upstream waits itself (upstream_idle_timeout).
+timeout = 60
+
+# On SIGTERM / SIGINT, stop accepting and let in-flight responses finish for up to this
+# long before the workers are killed (as clipal does when run on its own).
+graceful_timeout = 5
+
+# Seconds an idle client connection is kept open for its next request. Agents reuse
+# connections; closing sooner than the client expects races with its next request.
+keepalive = 75
+
+# No request-size limit here: the body limit is clipal's max_request_body_bytes
+# (32 MiB by default, answered with 413). gunicorn's limits cover only the request line
+# and headers; these are its defaults, which agents' requests are far below.
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
+
+# clipal logs each request itself (<config-dir>/logs and, if log_stdout, stdout);
+# gunicorn's access log would duplicate it. gunicorn's own messages go to stderr.
+accesslog = None
+errorlog = "-"
+loglevel = "info"
+
+proc_name = "clipal"
