@@ -1,0 +1,591 @@
+"""Logging for clipal: one line format, a file per day, retention, and key redaction.
+
+Every line looks like::
+
+    [INFO]  2024-01-01 12:00:00 [claudecode] request completed via openrouter
+
+Lines go to stdout and/or ``<log_dir>/clipal-YYYY-MM-DD.log``. The file switches at
+local midnight while running, and files older than the retention period are pruned
+at start and at each day change.
+
+No API key may ever reach a log line, whoever wrote the message: the formatter
+redacts the final text (message, traceback and all) against the provider keys from
+the config, the client credentials seen at runtime, and patterns for things that
+merely look like keys. ``redact`` exposes the same rules for error bodies that are
+forwarded to clients or quoted in messages.
+
+Only the standard library is used, and nothing here touches sockets, so importing it
+before gevent's monkey-patching is harmless.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = [
+    "LOGGER_NAME",
+    "ClipalFormatter",
+    "DailyFileHandler",
+    "Redactor",
+    "add_secret",
+    "configure_logging",
+    "get_logger",
+    "log_file_name",
+    "parse_level",
+    "prune_old_logs",
+    "redact",
+    "set_secrets",
+    "warn_if_readable_by_others",
+]
+
+LOGGER_NAME = "clipal"
+
+_LEVELS: dict[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def parse_level(name: str) -> int:
+    """Map a config level name (debug/info/warn/warning/error) to a logging level."""
+    try:
+        return _LEVELS[name.strip().lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(
+            f"unknown log level {name!r}; expected one of debug, info, warn, error"
+        ) from None
+
+
+# ---------------------------------------------------------------------------
+# Redaction
+# ---------------------------------------------------------------------------
+
+REDACTED = "[redacted]"
+
+# Secrets shorter than this are too likely to occur in ordinary text ("test", "dummy")
+# to be replaced wherever they appear; the patterns below still catch them after
+# "Bearer " or "key=".
+_MIN_EXACT_LEN = 8
+# Below this length even a 4-character prefix is a large share of the secret.
+_MIN_PREFIX_LEN = 16
+_PREFIX_LEN = 4
+
+# Things that look like credentials even when clipal has never seen them. Prefix
+# groups keep the label ("Bearer ", "x-api-key: ", "key=") and mask only the value.
+# The bare token shapes are case-sensitive: "AIza" and "sk-" are exact prefixes.
+_PATTERNS = re.compile(
+    r"""
+      (?P<bearer>\bBearer\s+)(?P<bearer_val>[^\s"',;]+)
+    | (?P<named>(?<![\w-])
+         (?:x-goog-api-key|x-api-key|api[-_]?key|access[-_]?token|auth[-_]?token
+           |client[-_]?secret|refresh[-_]?token)
+         ["']?\s*[:=]\s*["']?)
+      (?P<named_val>[^\s"'&,;<>(){}\[\]]+(?:\[redacted\])?)
+    | (?P<query>(?<![\w-])key=)(?P<query_val>[^\s"'&,;#<>]+(?:\[redacted\])?)
+    | (?P<token>(?-i:
+           (?<![\w-])sk-[A-Za-z0-9_\-]{20,}                   # OpenAI, Anthropic, OpenRouter...
+         | (?<![\w-])AIza[A-Za-z0-9_\-]{30,}                  # Google API keys
+         | (?<![\w-])ya29\.[A-Za-z0-9_\-]{20,}                # Google OAuth access tokens
+         | (?<![\w-])eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}  # JWTs
+      ))
+    """,
+    re.IGNORECASE | re.VERBOSE,
+)
+# Every match of _PATTERNS contains one of these. Checking for them with `in` costs
+# well under a microsecond, while the alternation above, which defeats the regex
+# engine's first-character scan, costs about 15 us on a typical line that has none.
+_TRIGGERS_ANY_CASE = ("bearer", "key", "token", "secret")
+_TRIGGERS_EXACT_CASE = ("sk-", "AIza", "ya29.", "eyJ")
+
+
+def _may_hold_pattern(text: str) -> bool:
+    if any(trigger in text for trigger in _TRIGGERS_EXACT_CASE):
+        return True
+    lowered = text.lower()
+    return any(trigger in lowered for trigger in _TRIGGERS_ANY_CASE)
+
+
+def _mask(secret: str) -> str:
+    """Show at most the first 4 characters of a long secret, nothing of a short one."""
+    if len(secret) >= _MIN_PREFIX_LEN:
+        return secret[:_PREFIX_LEN] + "..." + REDACTED
+    return REDACTED
+
+
+def _mask_pattern(match: re.Match[str]) -> str:
+    token = match.group("token")
+    if token is not None:
+        return _mask(token)
+    for label, value in (("bearer", "bearer_val"), ("named", "named_val"), ("query", "query_val")):
+        if match.group(label) is not None:
+            secret = match.group(value)
+            # Already masked (by the exact pass or an earlier redact call): keep as is,
+            # so redact() is idempotent and "Bearer sk-a...[redacted]" stays readable.
+            if REDACTED in secret:
+                return match.group(0)
+            return match.group(label) + _mask(secret)
+    return match.group(0)  # unreachable: every alternative has a named group
+
+
+def _spellings(secret: str) -> set[str]:
+    """The forms a secret takes when echoed raw, URL-encoded or inside a JSON string."""
+    forms = {secret, urllib.parse.quote(secret, safe=""), json.dumps(secret)[1:-1]}
+    return {form for form in forms if len(form) >= _MIN_EXACT_LEN}
+
+
+class Redactor:
+    """Masks known secrets and key-shaped strings in text.
+
+    Known secrets are matched with one compiled alternation of literals, which the
+    regex engine scans by first character: well under a microsecond per line even
+    with hundreds of secrets. It is rebuilt only when the set changes, which costs
+    a few milliseconds at the 256-credential bound and happens once per distinct
+    credential. The compiled regex is swapped in as a single reference, so readers
+    need no lock; writers serialise on ``_lock``. ``threading.Lock`` is
+    cooperative once gevent has patched it, and uncontended otherwise.
+    """
+
+    def __init__(self, *, runtime_limit: int = 256) -> None:
+        self._lock = threading.Lock()
+        self._known: frozenset[str] = frozenset()
+        # Client credentials, oldest first; bounded so a stream of distinct bogus
+        # credentials cannot grow memory or the regex without limit.
+        self._runtime: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._runtime_limit = runtime_limit
+        self._exact: re.Pattern[str] | None = None
+
+    def set_known(self, secrets: Iterable[str]) -> None:
+        """Replace the provider keys (done on every config load)."""
+        known = frozenset(s.strip() for s in secrets if s and s.strip())
+        with self._lock:
+            if known != self._known:
+                self._known = known
+                self._rebuild()
+
+    def add(self, secret: str) -> None:
+        """Remember a credential seen at runtime; cheap when it is already known."""
+        secret = (secret or "").strip()
+        if len(secret) < _MIN_EXACT_LEN or secret in self._known:
+            return
+        with self._lock:
+            if secret in self._runtime:
+                self._runtime.move_to_end(secret)
+                return
+            self._runtime[secret] = None
+            while len(self._runtime) > self._runtime_limit:
+                self._runtime.popitem(last=False)
+            self._rebuild()
+
+    def redact(self, text: str) -> str:
+        """Return ``text`` with every known or key-shaped secret masked."""
+        exact = self._exact
+        if exact is not None:
+            text = exact.sub(lambda m: _mask(m.group(0)), text)
+        if not _may_hold_pattern(text):
+            return text
+        return _PATTERNS.sub(_mask_pattern, text)
+
+    def _rebuild(self) -> None:
+        forms: set[str] = set()
+        for secret in (*self._known, *self._runtime):
+            forms |= _spellings(secret)
+        if not forms:
+            self._exact = None
+            return
+        # Longest first, so a key that contains another known key is masked whole.
+        ordered = sorted(forms, key=lambda s: (-len(s), s))
+        self._exact = re.compile("|".join(map(re.escape, ordered)))
+
+
+# ---------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------
+
+_LEVEL_TAGS: tuple[tuple[int, str], ...] = (
+    (logging.ERROR, "[ERROR] "),  # CRITICAL too: the spec has four levels
+    (logging.WARNING, "[WARN]  "),
+    (logging.INFO, "[INFO]  "),
+    (logging.NOTSET, "[DEBUG] "),
+)
+
+
+def _level_tag(levelno: int) -> str:
+    for threshold, tag in _LEVEL_TAGS:
+        if levelno >= threshold:
+            return tag
+    return "[DEBUG] "
+
+
+class ClipalFormatter(logging.Formatter):
+    """``[LEVEL] YYYY-MM-DD HH:MM:SS [client] message``, redacted as a whole."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self._redactor = redactor
+        # (whole second, its text): most lines share their second with the previous one.
+        self._clock: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        cached_second, text = self._clock
+        if second != cached_second:
+            text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._clock = (second, text)
+        return text
+
+    def format(self, record: logging.LogRecord) -> str:
+        client = getattr(record, "client", None)
+        client_tag = f"[{client}] " if client else ""
+        text = f"{_level_tag(record.levelno)}{self.formatTime(record)} {client_tag}{record.getMessage()}"
+        if record.exc_info and not record.exc_text:
+            # Cached on the record for any other handler, so cache it masked.
+            record.exc_text = self._redactor.redact(self.formatException(record.exc_info))
+        if record.exc_text:
+            text = f"{text}\n{record.exc_text}"
+        if record.stack_info:
+            text = f"{text}\n{self.formatStack(record.stack_info)}"
+        return self._redactor.redact(text)
+
+
+# ---------------------------------------------------------------------------
+# Handlers
+# ---------------------------------------------------------------------------
+
+
+def _report(message: str) -> None:
+    """Last-resort notice on stderr; stderr itself may be gone, which is fine."""
+    try:
+        sys.stderr.write(f"clipal: {message}\n")
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+class _QuietHandler(logging.Handler):
+    """A handler whose failures are reported once and then ignored.
+
+    Logging must never take the proxy down: stdout may be a closed pipe under nohup
+    or systemd, and the log disk may fill up.
+    """
+
+    # Marks handlers installed by configure_logging, so reconfiguring replaces them
+    # and leaves handlers that others (tests) attached alone.
+    clipal_owned = True
+    _error_reported = False
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self._error_reported:
+            return
+        self._error_reported = True
+        error = sys.exc_info()[1]
+        _report(
+            f"writing log lines to {self.describe()} failed ({redact(repr(error))}); "
+            "further errors there are not reported"
+        )
+
+
+class _StdoutHandler(_QuietHandler):
+    """Writes to whatever ``sys.stdout`` is at the time, so a rebound stdout is honoured."""
+
+    def describe(self) -> str:
+        return "stdout"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream: TextIO | None = sys.stdout
+            if stream is None:  # pythonw, or stdout closed at the fd level
+                return
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def log_file_name(day: date) -> str:
+    return f"clipal-{day:%Y-%m-%d}.log"
+
+
+_LOG_FILE = re.compile(r"clipal-(\d{4})-(\d{2})-(\d{2})\.log")
+
+
+def prune_old_logs(log_dir: Path, retention_days: int, today: date) -> list[Path]:
+    """Delete ``clipal-YYYY-MM-DD.log`` files dated more than ``retention_days`` before today.
+
+    With 7, today's file and those of the 7 previous days are kept. ``0`` keeps
+    everything. Other files, and names that are not valid dates, are never touched.
+    Returns the paths removed; a file that cannot be removed is skipped.
+    """
+    if retention_days <= 0:
+        return []
+    oldest_kept = today - timedelta(days=retention_days)
+    try:
+        entries = list(os.scandir(log_dir))
+    except OSError:
+        return []
+    removed: list[Path] = []
+    for entry in entries:
+        match = _LOG_FILE.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            day = date(*map(int, match.groups()))
+            if day >= oldest_kept or not entry.is_file(follow_symlinks=False):
+                continue
+            os.unlink(entry.path)
+        except (ValueError, OSError):
+            continue
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _local_midnight(day: date) -> float:
+    return datetime(day.year, day.month, day.day).timestamp()
+
+
+# A record stamped slightly before the current day's start (threads racing across
+# midnight) goes to the current file rather than reopening yesterday's.
+_BACKWARD_SLACK = 5.0
+
+
+class DailyFileHandler(_QuietHandler):
+    """Appends to ``<log_dir>/clipal-<local date>.log``, switching files at local midnight.
+
+    The file is chosen by the record's own timestamp, so a line's date and its
+    file's date agree. Each emit compares that timestamp with the cached bounds of
+    the current day: no stat and no date arithmetic per line. Each switch also
+    prunes old files, which makes retention daily without a timer of its own.
+    If the directory cannot be created or the file opened, that is said once on
+    stderr and file logging pauses until the next day, when it is tried again.
+    """
+
+    def __init__(
+        self,
+        log_dir: Path,
+        retention_days: int,
+        *,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__()
+        self.log_dir = Path(log_dir)
+        self.retention_days = retention_days
+        self._stream: TextIO | None = None
+        self._path: Path | None = None
+        self._day = date.min
+        self._day_start = 0.0
+        self._day_end = 0.0
+        self._open_failure_reported = False
+        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            self._switch_to(now())
+
+    @property
+    def path(self) -> Path | None:
+        """The file currently written, or None while the log dir is unusable."""
+        return self._path
+
+    def describe(self) -> str:
+        return str(self._path or self.log_dir)
+
+    def set_retention(self, retention_days: int) -> None:
+        """Change retention (on reload) and apply it now, not at the next midnight."""
+        with self.lock:  # type: ignore[union-attr]
+            changed = retention_days != self.retention_days
+            self.retention_days = retention_days
+            if changed:
+                prune_old_logs(self.log_dir, retention_days, self._day)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            created = record.created
+            if created >= self._day_end or created < self._day_start - _BACKWARD_SLACK:
+                self._switch_to(created)
+            if self._stream is None:
+                return
+            self._stream.write(self.format(record) + "\n")
+            self._stream.flush()
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._close_stream()
+        super().close()
+
+    def _switch_to(self, timestamp: float) -> None:
+        day = date.fromtimestamp(timestamp)
+        self._day = day
+        self._day_start = _local_midnight(day)
+        self._day_end = _local_midnight(day + timedelta(days=1))
+        self._close_stream()
+        self._open(day)
+        prune_old_logs(self.log_dir, self.retention_days, day)
+
+    def _open(self, day: date) -> None:
+        path = self.log_dir / log_file_name(day)
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._stream = open(path, "a", encoding="utf-8")
+        except OSError as error:
+            if not self._open_failure_reported:
+                self._open_failure_reported = True
+                _report(f"cannot write log file {path} ({error}); file logging is paused")
+            return
+        self._path = path
+        self._open_failure_reported = False
+
+    def _close_stream(self) -> None:
+        stream, self._stream, self._path = self._stream, None, None
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------------
+# Module-level setup: the one logger, redactor and formatter of the process
+# ---------------------------------------------------------------------------
+
+_redactor = Redactor()
+_formatter = ClipalFormatter(_redactor)
+_logger = logging.getLogger(LOGGER_NAME)
+# Libraries (werkzeug, gevent) may install root handlers; clipal's lines must not
+# be printed twice, nor pass through formatters that do not redact.
+_logger.propagate = False
+_configure_lock = threading.Lock()
+_warned_paths: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+class _ClientAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Adds the ``client`` tag while keeping any ``extra`` the caller passes."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+
+def get_logger(client: str | None = None) -> logging.LoggerAdapter:  # type: ignore[type-arg]
+    """The clipal logger; lines carry ``[client]`` when a client name is given."""
+    return _ClientAdapter(_logger, {"client": client} if client else {})
+
+
+def _owned_handlers() -> list[logging.Handler]:
+    return [h for h in _logger.handlers if getattr(h, "clipal_owned", False)]
+
+
+def _install(handlers: list[logging.Handler], level: int) -> None:
+    for handler in handlers:
+        handler.setFormatter(_formatter)
+    others = [h for h in _logger.handlers if not getattr(h, "clipal_owned", False)]
+    # One reference swap: a concurrent emit iterates either the old list or the new.
+    _logger.handlers = others + handlers
+    _logger.setLevel(level)
+
+
+def configure_logging(
+    *,
+    level: str,
+    log_dir: Path,
+    retention_days: int,
+    to_stdout: bool,
+    secrets: Iterable[str] = (),
+) -> None:
+    """Apply the logging part of a config; called at start and on every reload.
+
+    Invalid input raises ValueError before anything changes. The secrets are set
+    first, so no line written under the new config can leak a new key. The file
+    handler is kept when ``log_dir`` is unchanged (same open file) and replaced
+    otherwise; no handler is ever installed twice.
+    """
+    numeric_level = parse_level(level)
+    if retention_days < 0:
+        raise ValueError(f"log retention must be 0 (keep all) or more days, not {retention_days}")
+    log_dir = Path(os.path.abspath(Path(log_dir).expanduser()))
+    with _configure_lock:
+        _redactor.set_known(secrets)
+        current = _owned_handlers()
+        # Keep the open file when the directory is unchanged; a handler whose file
+        # could not be opened is replaced, so a reload retries a fixed directory.
+        file_handler = next(
+            (
+                h
+                for h in current
+                if isinstance(h, DailyFileHandler) and h.log_dir == log_dir and h.path is not None
+            ),
+            None,
+        )
+        if file_handler is None:
+            file_handler = DailyFileHandler(log_dir, retention_days)
+        else:
+            file_handler.set_retention(retention_days)
+        stdout_handler: logging.Handler | None = None
+        if to_stdout:
+            stdout_handler = next((h for h in current if isinstance(h, _StdoutHandler)), None)
+            stdout_handler = stdout_handler or _StdoutHandler()
+        new = [h for h in (stdout_handler, file_handler) if h is not None]
+        _install(new, numeric_level)
+        for handler in current:
+            if handler not in new:
+                handler.close()
+
+
+def set_secrets(secrets: Iterable[str]) -> None:
+    """Replace the known provider keys."""
+    _redactor.set_known(secrets)
+
+
+def add_secret(secret: str) -> None:
+    """Remember a client credential seen at runtime (the last 256 are kept)."""
+    _redactor.add(secret)
+
+
+def redact(text: str) -> str:
+    """The log redaction, for error bodies quoted in messages or forwarded."""
+    return _redactor.redact(text)
+
+
+def warn_if_readable_by_others(path: Path) -> None:
+    """Warn once per path when a file holding keys is group- or world-readable."""
+    if os.name != "posix":
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not mode & 0o044:
+        return
+    key = os.path.abspath(path)
+    with _warned_lock:
+        if key in _warned_paths:
+            return
+        _warned_paths.add(key)
+    get_logger().warning(
+        "%s is readable by other users (mode %04o) and may hold API keys; run: chmod 600 %s",
+        path,
+        mode & 0o7777,
+        path,
+    )
+
+
+# Until the config is read, log INFO and up to stdout with the same format and
+# redaction, rather than Python's unformatted stderr fallback.
+with _configure_lock:
+    _install([_StdoutHandler()], logging.INFO)
