@@ -1,0 +1,898 @@
+#!/usr/bin/env python3
+"""clipal benchmark harness: DIRECT vs CLIPAL vs NGINX, all on loopback.
+
+    /work/venv/bin/python bench/run.py [--quick] [--only a,b,b2,c] [--targets direct,clipal,nginx]
+                                       [--out bench/out] [--clipal-cmd CMD] [--strict]
+
+Starts a fast fake upstream (bench/upstream.js, Node), then for each target in
+turn starts it (clipal as a subprocess, nginx from a generated config), runs
+the same load against it (wrk when installed, else bench/client.js; the SSE,
+upload and precise-latency clients are always bench/client.js), samples the
+proxy's CPU and RSS from /proc during every phase, and stops it again.  Prints
+a side-by-side table with ratios against DIRECT, PASS/FAIL lines for the
+targets clipal must meet, and writes results.json and results.md into --out.
+
+Standard library only; see bench/README.md.  Every phase has a count, a
+deadline inside the client and a hard timeout here; every process started is
+ended by PID (process group) on exit, on Ctrl-C and on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import http.client
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+TARGETS = ("DIRECT", "CLIPAL", "NGINX")
+NGINX_WORKERS = 1  # clipal is one process; nginx gets one worker too (2 cores are shared with load + upstream)
+
+CHAT_PATH = "/v1/chat/completions"
+STREAM_PATH = "/v1/stream"
+UPLOAD_PATH = "/v1/upload"
+CHAT_BODY = b'{"model":"bench-model","messages":[{"role":"user","content":"Say hello."}],"stream":false}'
+
+# phase key -> (group used by --only, human label)
+PHASES = {
+    "a1": ("a", "small POST, c=1 (load tool)"),
+    "a64": ("a", "small POST, c=64 (load tool)"),
+    "lat": ("a", "small POST, sequential on one keep-alive connection"),
+    "b": ("b", "200 concurrent SSE streams, 50 events 20 ms apart"),
+    "b2": ("b2", "1000 concurrent SSE streams, 10 events 50 ms apart"),
+    "c1": ("c", "20 x 10 MiB uploads, sequential (one connection)"),
+    "c4": ("c", "20 x 10 MiB uploads, concurrency 4"),
+}
+
+
+class NotRunnable(Exception):
+    """A target that could not be started or did not answer correctly."""
+
+
+# ------------------------------------------------------------------ processes --
+
+class Processes:
+    """Every child we start, so that all of them are ended, by process group."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+        self.lock = threading.Lock()
+
+    def popen(self, cmd, **kw) -> subprocess.Popen:
+        kw.setdefault("start_new_session", True)  # own group: kill it and its children by PGID
+        p = subprocess.Popen(cmd, **kw)
+        with self.lock:
+            self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen, grace: float = 5.0, sig=signal.SIGTERM) -> None:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # The group may still hold children (nginx workers) even after the leader exits.
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            p.wait(2)
+        except subprocess.TimeoutExpired:
+            pass
+        with self.lock:
+            if p in self.procs:
+                self.procs.remove(p)
+
+    def stop_all(self) -> None:
+        for p in list(reversed(self.procs)):
+            self.stop(p, grace=3.0)
+
+
+PROCS = Processes()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    want = max(soft, min(want, 1 << 20))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        want = soft
+    return want
+
+
+def tool_version(cmd) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (out.stdout + out.stderr).strip().splitlines()[0]
+    except Exception as e:  # noqa: BLE001 - informational only
+        return f"unavailable ({e.__class__.__name__})"
+
+
+# ----------------------------------------------------------------- /proc stats --
+
+def proc_tree(root: int) -> list[int]:
+    """root and all its descendants (from /proc/*/stat ppid fields)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        ppid = int(st[st.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def cpu_seconds(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+    except OSError:
+        return None
+    fields = st[st.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE_KB  # resident pages == VmRSS
+    except OSError:
+        return 0
+
+
+class Sampler:
+    """CPU seconds (delta over the phase) and peak summed RSS (sampled every 20 ms)."""
+
+    def __init__(self, proxy_pids: list[int], upstream_pid: int | None, interval: float = 0.02):
+        self.pids = proxy_pids
+        self.upstream_pid = upstream_pid
+        self.interval = interval
+        self.peak_kb = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _cpu(self, pids):
+        return {p: cpu_seconds(p) for p in pids}
+
+    def _run(self):
+        while not self._stop.is_set():
+            if self.pids:
+                self.peak_kb = max(self.peak_kb, sum(rss_kb(p) for p in self.pids))
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.t0 = time.monotonic()
+        self.cpu0 = self._cpu(self.pids)
+        self.up0 = cpu_seconds(self.upstream_pid) if self.upstream_pid else None
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.wall = time.monotonic() - self.t0
+        cpu1 = self._cpu(self.pids)
+        self.cpu = sum((cpu1[p] - self.cpu0[p]) for p in self.pids
+                       if cpu1.get(p) is not None and self.cpu0.get(p) is not None)
+        up1 = cpu_seconds(self.upstream_pid) if self.upstream_pid else None
+        self.upstream_cpu = (up1 - self.up0) if (up1 is not None and self.up0 is not None) else None
+        return False
+
+    def result(self) -> dict:
+        r = {"wall_s": round(self.wall, 3),
+             "upstream_cpu_s": None if self.upstream_cpu is None else round(self.upstream_cpu, 2)}
+        if self.pids:
+            r.update(proxy_cpu_s=round(self.cpu, 2), proxy_peak_rss_mb=round(self.peak_kb / 1024, 1),
+                     proxy_processes=len(self.pids), rss_samples=self.samples)
+        return r
+
+
+# -------------------------------------------------------------------- targets --
+
+class Target:
+    def __init__(self, name: str, port: int, prefix: str = "", proc: subprocess.Popen | None = None):
+        self.name, self.port, self.prefix, self.proc = name, port, prefix, proc
+        self.notes: dict = {}
+
+    def pids(self) -> list[int]:
+        return proc_tree(self.proc.pid) if self.proc and self.proc.poll() is None else []
+
+    def path(self, p: str) -> str:
+        return self.prefix + p
+
+
+def http_call(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 5.0):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-client-bench"} if body else {}
+        c.request(method, path, body=body, headers=headers)
+        r = c.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        c.close()
+
+
+def wait_health(port: int, path: str, proc: subprocess.Popen, timeout: float, errlog: Path | None):
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = ""
+            if errlog and errlog.exists():
+                lines = [ln for ln in errlog.read_text(errors="replace").splitlines() if ln.strip()]
+                tail = lines[-1][:300] if lines else ""
+            raise NotRunnable(f"exited with status {proc.returncode}" + (f": {tail}" if tail else ""))
+        try:
+            status, _, _ = http_call(port, "GET", path, timeout=1.0)
+            if status == 200:
+                return
+            last = f"GET {path} -> {status}"
+        except OSError as e:
+            last = f"GET {path}: {e.__class__.__name__}"
+        time.sleep(0.05)
+    raise NotRunnable(f"no 200 from GET {path} within {timeout:.0f} s ({last})")
+
+
+def smoke(t: Target) -> None:
+    """One real request through the target before loading it."""
+    try:
+        status, headers, body = http_call(t.port, "POST", t.path(CHAT_PATH), CHAT_BODY)
+    except OSError as e:
+        raise NotRunnable(f"smoke POST {t.path(CHAT_PATH)} failed: {e}")
+    if status != 200 or b"chat.completion" not in body:
+        raise NotRunnable(f"smoke POST {t.path(CHAT_PATH)} -> {status} {body[:200]!r}")
+    t.notes["smoke_headers"] = headers
+    if t.name == "CLIPAL":
+        t.notes["x_clipal_provider"] = headers.get("x-clipal-provider")
+
+
+def start_clipal(args, up_port: int, out: Path, tmp_root: Path) -> Target:
+    cfg = Path(tempfile.mkdtemp(prefix="clipal-bench-", dir=tmp_root))
+    (cfg / "codex.yaml").write_text(
+        "providers:\n"
+        "  - name: bench\n"
+        f"    base_url: http://127.0.0.1:{up_port}\n"
+        "    api_key: sk-bench-key\n")
+    (cfg / "config.yaml").write_text("log_stdout: false\nmax_request_body_bytes: 33554432\n")
+    for f in cfg.iterdir():
+        f.chmod(0o600)
+    port = free_port()
+    if args.clipal_cmd:
+        fmt = {"config_dir": str(cfg), "port": port, "python": args.python}
+        if "{port}" in args.clipal_cmd:
+            cmd = [part.format(**fmt) for part in shlex.split(args.clipal_cmd)]
+        else:
+            cmd = shlex.split(args.clipal_cmd) + ["--config-dir", str(cfg), "--port", str(port), "--log-level", "error"]
+    else:
+        cmd = [args.python, "-m", "clipal", "--config-dir", str(cfg), "--port", str(port), "--log-level", "error"]
+    env = dict(os.environ)
+    env["CLIPAL_CONFIG_DIR"] = str(cfg)  # for commands without --config-dir (gunicorn)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    errlog = out / "clipal.log"
+    log = open(errlog, "wb")
+    try:
+        proc = PROCS.popen(cmd, cwd=str(REPO), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    except OSError as e:
+        raise NotRunnable(f"cannot execute {cmd[0]}: {e}")
+    finally:
+        log.close()
+    t = Target("CLIPAL", port, "/codex", proc)
+    t.notes.update(command=" ".join(shlex.quote(c) for c in cmd), config_dir=str(cfg), log=str(errlog))
+    try:
+        wait_health(port, "/health", proc, 15.0, errlog)
+        smoke(t)
+    except NotRunnable:
+        PROCS.stop(proc)
+        raise
+    return t
+
+
+def nginx_conf(port: int, up_port: int, prefix: Path, out: Path) -> str:
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    temps = "\n".join(f"    {k}_temp_path {prefix}/{k}_temp;" for k in
+                      ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""# generated by bench/run.py
+{user}worker_processes {NGINX_WORKERS};
+daemon off;
+master_process on;
+pid {prefix}/nginx.pid;
+error_log {out}/nginx-error.log warn;
+worker_rlimit_nofile 16384;
+
+events {{
+    worker_connections 8192;
+    multi_accept on;
+}}
+
+http {{
+    access_log {out}/nginx-access.log combined buffer=256k flush=1s;
+{temps}
+    keepalive_timeout 120s;
+    keepalive_requests 1000000;
+    client_max_body_size 0;
+    tcp_nodelay on;
+
+    upstream bench_upstream {{
+        server 127.0.0.1:{up_port};
+        keepalive 256;
+        keepalive_requests 1000000;
+        keepalive_timeout 120s;
+    }}
+
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 120s;
+            proxy_send_timeout 120s;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(args, up_port: int, out: Path) -> Target:
+    exe = args.nginx or shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if not exe or not os.access(exe, os.X_OK):
+        raise NotRunnable(f"nginx not installed{' at ' + exe if exe else ''} (apt-get install -y nginx)")
+    prefix = out / "nginx"
+    prefix.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_conf(port, up_port, prefix, out))
+    errlog = out / "nginx-error.log"
+    cmd = [exe, "-p", str(prefix), "-c", str(conf), "-e", str(errlog)]
+    log = open(out / "nginx-stderr.log", "wb")
+    try:
+        proc = PROCS.popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()
+    t = Target("NGINX", port, "", proc)
+    t.notes.update(command=" ".join(cmd), conf=str(conf), worker_processes=NGINX_WORKERS)
+    try:
+        wait_health(port, "/health", proc, 15.0, errlog)
+        smoke(t)
+    except NotRunnable:
+        PROCS.stop(proc)
+        raise
+    return t
+
+
+def start_upstream(args, out: Path) -> tuple[subprocess.Popen, int]:
+    log = open(out / "upstream.log", "wb")
+    proc = PROCS.popen([args.node, str(HERE / "upstream.js"), "--port", "0", "--watch-stdin"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+    log.close()
+    deadline = time.monotonic() + 10
+    line = b""
+    import selectors
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    while time.monotonic() < deadline and not line.endswith(b"\n"):
+        if proc.poll() is not None:
+            break
+        if sel.select(timeout=0.1):
+            ch = os.read(proc.stdout.fileno(), 64)
+            if not ch:
+                break
+            line += ch
+    sel.close()
+    if not line.startswith(b"READY "):
+        raise SystemExit(f"upstream did not start: {line!r} (see {out / 'upstream.log'})")
+    return proc, int(line.split()[1])
+
+
+# --------------------------------------------------------------------- phases --
+
+def run_client(cmd: list[str], timeout: float, label: str) -> dict:
+    """Run one load client in its own process group; parse its JSON answer."""
+    p = PROCS.popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        PROCS.stop(p, grace=1.0, sig=signal.SIGKILL)
+        return {"error": f"{label}: killed after {timeout:.0f} s"}
+    finally:
+        if p.poll() is None:
+            PROCS.stop(p, grace=1.0)
+        else:
+            PROCS.stop(p, grace=0)
+    text = out.decode(errors="replace")
+    if p.returncode != 0:
+        return {"error": f"{label}: exit {p.returncode}: {err.decode(errors='replace').strip()[-300:]}"}
+    for line in text.splitlines():
+        if line.startswith("WRKJSON "):
+            return json.loads(line[len("WRKJSON "):])
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"error": f"{label}: no result in output: {text[-300:]!r} {err.decode(errors='replace')[-300:]!r}"}
+
+
+def node_client(args, cfg: dict, timeout: float, label: str) -> dict:
+    return run_client([args.node, str(HERE / "client.js"), json.dumps(cfg)], timeout, label)
+
+
+def load_phase(args, t: Target, conns: int, duration: float) -> dict:
+    """Small POST with `conns` keep-alive connections for `duration` s: wrk, else client.js."""
+    if args.wrk:
+        threads = 1 if conns < 4 else 2
+        url = f"http://127.0.0.1:{t.port}{t.path(CHAT_PATH)}"
+        r = run_client([args.wrk, f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--timeout", "5s",
+                        "-s", str(HERE / "wrk_post.lua"), url], duration + 20, "wrk")
+        if "error" in r:
+            return r
+        secs = r["duration_us"] / 1e6
+        errors = sum(r[k] for k in r if k.startswith("errors_"))
+        return {"tool": f"wrk -t{threads} -c{conns} -d{duration}s", "requests": int(r["requests"]),
+                "rps": round(r["requests"] / secs, 1), "p50_ms": r["p50_us"] / 1000, "p90_ms": r["p90_us"] / 1000,
+                "p99_ms": r["p99_us"] / 1000, "max_ms": r["max_us"] / 1000, "errors": int(errors),
+                "errors_detail": {k[7:]: int(v) for k, v in r.items() if k.startswith("errors_") and v}}
+    r = node_client(args, {"mode": "load", "port": t.port, "path": t.path(CHAT_PATH),
+                           "connections": conns, "duration_s": duration}, duration + 20, "client.js load")
+    if "error" not in r:
+        r["tool"] = f"client.js load c={conns} {duration}s"
+    return r
+
+
+def run_phase(args, key: str, t: Target, up_pid: int) -> dict:
+    q = args.quick
+    if key == "a1":
+        fn = lambda: load_phase(args, t, 1, 2 if q else 5)  # noqa: E731
+    elif key == "a64":
+        fn = lambda: load_phase(args, t, 64, 3 if q else 10)  # noqa: E731
+    elif key == "lat":
+        fn = lambda: run_client([sys.executable, str(HERE / "latency.py"), "--port", str(t.port),  # noqa: E731
+                                 "--path", t.path(CHAT_PATH), "--count", "2000", "--warmup", "200",
+                                 "--deadline", "10" if q else "20"], 40, "latency.py")
+    elif key == "b":
+        fn = lambda: node_client(args, {"mode": "sse", "port": t.port, "path": t.path(STREAM_PATH),  # noqa: E731
+                                        "streams": 200, "events": 50, "interval_ms": 20, "deadline_s": 20}, 40, "sse")
+    elif key == "b2":
+        fn = lambda: node_client(args, {"mode": "sse", "port": t.port, "path": t.path(STREAM_PATH),  # noqa: E731
+                                        "streams": 1000, "events": 10, "interval_ms": 50, "deadline_s": 30}, 50, "sse")
+    elif key == "c1":
+        fn = lambda: node_client(args, {"mode": "upload", "port": t.port, "path": t.path(UPLOAD_PATH),  # noqa: E731
+                                        "count": 20, "size": 10 << 20, "concurrency": 1,
+                                        "deadline_s": 30 if q else 45}, 60, "upload")
+    elif key == "c4":
+        fn = lambda: node_client(args, {"mode": "upload", "port": t.port, "path": t.path(UPLOAD_PATH),  # noqa: E731
+                                        "count": 20, "size": 10 << 20, "concurrency": 4, "deadline_s": 45}, 60, "upload")
+    else:
+        raise KeyError(key)
+    with Sampler(t.pids(), up_pid) as s:
+        r = fn()
+    r["resources"] = s.result()
+    return r
+
+
+def settle(t: Target, seconds: float) -> None:
+    time.sleep(seconds)
+
+
+# ------------------------------------------------------------------- reporting --
+
+def g(res: dict, target: str, phase: str, *keys):
+    """Dig a value out of results, None when absent."""
+    v = res.get(target, {}).get("phases", {}).get(phase)
+    for k in keys:
+        if not isinstance(v, dict):
+            return None
+        v = v.get(k)
+    return v
+
+
+def added_latency_ms(res, target):
+    if target == "DIRECT":
+        return None
+    a, d = g(res, target, "lat", "p50_us"), g(res, "DIRECT", "lat", "p50_us")
+    return None if a is None or d is None else (a - d) / 1000
+
+
+def rows_spec():
+    """(label, extractor(res, target) -> value, format, show ratio vs DIRECT)."""
+    P = lambda ph, *k: (lambda res, t: g(res, t, ph, *k))  # noqa: E731
+    R = lambda ph, k: (lambda res, t: g(res, t, ph, "resources", k))  # noqa: E731
+    f1, f0, f3 = "{:.1f}", "{:.0f}", "{:.3f}"
+    return [
+        ("a  c=1  req/s", P("a1", "rps"), f0, True),
+        ("a  c=1  p50 ms", P("a1", "p50_ms"), f3, True),
+        ("a  c=1  p99 ms", P("a1", "p99_ms"), f3, True),
+        ("a  c=1  errors", P("a1", "errors"), f0, False),
+        ("a  c=64 req/s", P("a64", "rps"), f0, True),
+        ("a  c=64 p50 ms", P("a64", "p50_ms"), f3, True),
+        ("a  c=64 p99 ms", P("a64", "p99_ms"), f3, True),
+        ("a  c=64 errors", P("a64", "errors"), f0, False),
+        ("a  seq x2000 completed", P("lat", "completed"), f0, False),
+        ("a  seq x2000 p50 us", P("lat", "p50_us"), f1, True),
+        ("a  seq x2000 p99 us", P("lat", "p99_us"), f1, True),
+        ("a  added p50 latency at c=1, ms", lambda res, t: added_latency_ms(res, t), f3, False),
+        ("b  200 streams completed", P("b", "completed"), f0, False),
+        ("b  TTFB p50 ms", P("b", "ttfb_ms", "p50"), f1, True),
+        ("b  TTFB p99 ms", P("b", "ttfb_ms", "p99"), f1, True),
+        ("b  total p50 ms", P("b", "total_ms", "p50"), f1, True),
+        ("b  total p99 ms", P("b", "total_ms", "p99"), f1, True),
+        ("b  largest event gap p99 ms", P("b", "max_gap_ms", "p99"), f1, True),
+        ("b2 1000 streams completed", P("b2", "completed"), f0, False),
+        ("b2 total p99 ms", P("b2", "total_ms", "p99"), f1, True),
+        ("c  seq 20x10MiB total s", P("c1", "total_s"), f3, True),
+        ("c  seq MiB/s", P("c1", "mb_per_s"), f1, True),
+        ("c  seq MiB at upstream", lambda res, t: _mib(g(res, t, "c1", "bytes_upstream")), f1, False),
+        ("c  seq sha256 ok", P("c1", "ok"), f0, False),
+        ("c  c=4 20x10MiB total s", P("c4", "total_s"), f3, True),
+        ("c  c=4 MiB/s", P("c4", "mb_per_s"), f1, True),
+        ("c  c=4 sha256 ok", P("c4", "ok"), f0, False),
+        ("d  proxy CPU s, a c=64", R("a64", "proxy_cpu_s"), "{:.2f}", False),
+        ("d  proxy CPU us/req, a c=64", lambda res, t: _per_req(res, t), f1, False),
+        ("d  proxy CPU s, seq x2000", R("lat", "proxy_cpu_s"), "{:.2f}", False),
+        ("d  proxy CPU s, b 200 streams", R("b", "proxy_cpu_s"), "{:.2f}", False),
+        ("d  proxy CPU s, b2 1000 streams", R("b2", "proxy_cpu_s"), "{:.2f}", False),
+        ("d  proxy CPU s, c seq uploads", R("c1", "proxy_cpu_s"), "{:.2f}", False),
+        ("d  proxy CPU s, c c=4 uploads", R("c4", "proxy_cpu_s"), "{:.2f}", False),
+        ("d  peak RSS MB, a c=64", R("a64", "proxy_peak_rss_mb"), f1, False),
+        ("d  peak RSS MB, b 200 streams", R("b", "proxy_peak_rss_mb"), f1, False),
+        ("d  peak RSS MB, b2 1000 streams", R("b2", "proxy_peak_rss_mb"), f1, False),
+        ("d  peak RSS MB, c seq uploads", R("c1", "proxy_peak_rss_mb"), f1, False),
+        ("d  peak RSS MB, c c=4 uploads", R("c4", "proxy_peak_rss_mb"), f1, False),
+        ("d  upstream CPU s, a c=64", R("a64", "upstream_cpu_s"), "{:.2f}", False),
+    ]
+
+
+def _mib(v):
+    return None if v is None else v / 1048576
+
+
+def _per_req(res, t):
+    cpu, n = g(res, t, "a64", "resources", "proxy_cpu_s"), g(res, t, "a64", "requests")
+    return None if cpu is None or not n else cpu / n * 1e6
+
+
+def build_table(res: dict, targets: list[str]) -> tuple[list[str], list[list[str]]]:
+    header = ["metric"]
+    for t in targets:
+        header.append(t)
+        if t != "DIRECT" and "DIRECT" in targets:
+            header.append("x DIRECT")
+    rows = []
+    for label, fn, fmt, ratio in rows_spec():
+        vals = {t: fn(res, t) for t in targets}
+        if all(v is None for v in vals.values()):
+            continue
+        row = [label]
+        d = vals.get("DIRECT")
+        for t in targets:
+            v = vals[t]
+            if v is None:
+                # n/a: ran but no number (phase failed); -: not applicable or target not runnable
+                cell = "n/a" if res.get(t, {}).get("status") == "ok" and t != "DIRECT" else "-"
+            else:
+                cell = fmt.format(v)
+            row.append(cell)
+            if t != "DIRECT" and "DIRECT" in targets:
+                row.append(f"{v / d:.2f}x" if (ratio and v is not None and d) else "")
+        rows.append(row)
+    return header, rows
+
+
+def fmt_text(header, rows) -> str:
+    w = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
+    return "\n".join([line(header), "  ".join("-" * x for x in w)] + [line(r) for r in rows])
+
+
+def fmt_md(header, rows) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    out += ["| " + " | ".join(c or " " for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def checks(res: dict, target: str, selected: set[str]) -> list[dict]:
+    """The targets clipal must meet (also evaluated for NGINX, as a harness self-check)."""
+    nginx_rps = g(res, "NGINX", "a64", "rps")
+    direct = lambda *k: g(res, "DIRECT", *k)  # noqa: E731
+    me = lambda *k: g(res, target, *k)  # noqa: E731
+
+    def c(name, phases, value_fn, ok_fn, show):
+        if not set(phases) <= selected:
+            return {"check": name, "result": "SKIP", "value": "phase not selected"}
+        st = res.get(target, {}).get("status")
+        if st != "ok":
+            return {"check": name, "result": "SKIP", "value": f"not runnable ({res.get(target, {}).get('reason')})"}
+        for ph in phases:
+            if me(ph) is None or "error" in (me(ph) or {}):
+                return {"check": name, "result": "FAIL", "value": f"phase {ph}: {(me(ph) or {}).get('error', 'no data')}"}
+        try:
+            v = value_fn()
+            ok = ok_fn(v)
+        except (TypeError, ZeroDivisionError):
+            return {"check": name, "result": "FAIL", "value": "missing data"}
+        return {"check": name, "result": "PASS" if ok else "FAIL", "value": show(v)}
+
+    if res.get(target, {}).get("status") != "ok":
+        return [{"check": "all checks", "result": "SKIP", "target": target,
+                 "value": f"not runnable ({res.get(target, {}).get('reason')})"}]
+    out = [
+        c("added p50 latency at c=1 <= 1 ms", ["lat"], lambda: added_latency_ms(res, target),
+          lambda v: v <= 1.0 and me("lat", "completed") == 2000, lambda v: f"{v:.3f} ms ({me('lat', 'completed')}/2000 done)"),
+        c("c=64 throughput >= 0.05x NGINX, 0 errors", ["a64"],
+          lambda: (me("a64", "rps"), me("a64", "errors"), nginx_rps),
+          lambda v: v[2] is not None and v[0] >= 0.05 * v[2] and v[1] == 0,
+          lambda v: f"{v[0]:.0f} req/s = {v[0] / v[2]:.3f}x NGINX, {v[1]} errors" if v[2]
+          else f"{v[0]:.0f} req/s, {v[1]} errors, NGINX not measured"),
+        c("200/200 streams complete", ["b"], lambda: me("b", "completed"),
+          lambda v: v == 200, lambda v: f"{v}/200"),
+        c("stream total p50 <= 1.05x DIRECT", ["b"], lambda: me("b", "total_ms", "p50") / direct("b", "total_ms", "p50"),
+          lambda v: v <= 1.05, lambda v: f"{v:.3f}x ({me('b', 'total_ms', 'p50'):.1f} ms)"),
+        c("TTFB p50 <= 2x DIRECT", ["b"], lambda: me("b", "ttfb_ms", "p50") / direct("b", "ttfb_ms", "p50"),
+          lambda v: v <= 2.0, lambda v: f"{v:.2f}x ({me('b', 'ttfb_ms', 'p50'):.1f} ms vs {direct('b', 'ttfb_ms', 'p50'):.1f} ms)"),
+        c("largest inter-chunk gap p99 <= 60 ms", ["b"], lambda: me("b", "max_gap_ms", "p99"),
+          lambda v: v <= 60.0, lambda v: f"{v:.1f} ms"),
+        c("peak RSS <= 100 MB during 200 streams", ["b"], lambda: me("b", "resources", "proxy_peak_rss_mb"),
+          lambda v: v <= 100.0, lambda v: f"{v:.1f} MB"),
+        c("peak RSS <= 80 MB during uploads", ["c1"],
+          lambda: max(x for x in (me("c1", "resources", "proxy_peak_rss_mb"),
+                                  me("c4", "resources", "proxy_peak_rss_mb")) if x is not None),
+          lambda v: v <= 80.0, lambda v: f"{v:.1f} MB"),
+        c("uploads: 20/20 sha256 match", ["c1"], lambda: me("c1", "ok"),
+          lambda v: v == 20, lambda v: f"{v}/20"),
+        c("1000/1000 concurrent streams complete", ["b2"], lambda: me("b2", "completed"),
+          lambda v: v == 1000, lambda v: f"{v}/1000"),
+    ]
+    if target == "CLIPAL" and res.get("CLIPAL", {}).get("status") == "ok":
+        hv = res["CLIPAL"].get("notes", {}).get("x_clipal_provider")
+        out.append({"check": "X-Clipal-Provider header present", "result": "PASS" if hv else "FAIL",
+                    "value": repr(hv)})
+    if nginx_rps is None and out[1]["result"] == "FAIL" and "NGINX not measured" in out[1]["value"]:
+        out[1]["result"] = "SKIP"
+    for x in out:
+        x["target"] = target
+    return out
+
+
+# ----------------------------------------------------------------------- main --
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="shorter load phases, no c=4 uploads (< 1 minute)")
+    ap.add_argument("--only", default="", help="phases or groups to run, comma-separated: "
+                    "a,b,b2,c or a1,a64,lat,b,b2,c1,c4 (default: all)")
+    ap.add_argument("--targets", default="direct,clipal,nginx", help="comma-separated subset of direct,clipal,nginx")
+    ap.add_argument("--out", default=str(HERE / "out"), help="output directory (default bench/out)")
+    ap.add_argument("--clipal-cmd", default="", help="command that starts clipal; '--config-dir D --port N "
+                    "--log-level error' is appended unless it contains {config_dir}/{port} placeholders")
+    ap.add_argument("--python", default=sys.executable, help="interpreter for `-m clipal` (default: this one)")
+    ap.add_argument("--node", default=shutil.which("node") or "node")
+    ap.add_argument("--wrk", default=None, help="wrk binary (default: from PATH); --no-wrk to force the fallback")
+    ap.add_argument("--no-wrk", action="store_true", help="use bench/client.js for phase a even if wrk exists")
+    ap.add_argument("--nginx", default=None, help="nginx binary (default: from PATH or /usr/sbin/nginx)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when any CLIPAL check fails or is skipped")
+    a = ap.parse_args(argv)
+    a.wrk = None if a.no_wrk else (a.wrk or shutil.which("wrk"))
+    return a
+
+
+def select_phases(only: str) -> list[str]:
+    if not only.strip():
+        return list(PHASES)
+    want = [w.strip() for w in only.split(",") if w.strip()]
+    keys = []
+    for w in want:
+        if w in PHASES:
+            keys.append(w)
+        elif w in {grp for grp, _ in PHASES.values()}:
+            keys.extend(k for k, (grp, _) in PHASES.items() if grp == w)
+        else:
+            raise SystemExit(f"--only: unknown phase {w!r} (use a,b,b2,c or {','.join(PHASES)})")
+    return [k for k in PHASES if k in keys]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    phases = select_phases(args.only)
+    if args.quick and "c4" in phases and not args.only:
+        phases.remove("c4")
+    targets = [t.strip().upper() for t in args.targets.split(",") if t.strip()]
+    bad = [t for t in targets if t not in TARGETS]
+    if bad:
+        raise SystemExit(f"--targets: unknown {bad}")
+    if "DIRECT" not in targets:
+        targets.insert(0, "DIRECT")  # ratios and several checks are relative to DIRECT
+    if not shutil.which(args.node) and not os.access(args.node, os.X_OK):
+        raise SystemExit("node is required (bench/upstream.js, bench/client.js)")
+
+    nofile = raise_nofile()
+    t_start = time.monotonic()
+    tmp_root = Path(tempfile.mkdtemp(prefix="clipal-bench-"))
+    res: dict = {}
+    meta = {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "mode": "quick" if args.quick else "full",
+        "phases": {k: PHASES[k][1] for k in phases},
+        "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+                 "node": tool_version([args.node, "--version"]),
+                 "wrk": tool_version([args.wrk, "-v"]) if args.wrk else "not installed (client.js fallback)",
+                 "nginx": tool_version([args.nginx or shutil.which("nginx") or "/usr/sbin/nginx", "-v"]),
+                 "nofile": nofile},
+        "clipal_commit": tool_version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "nginx_worker_processes": NGINX_WORKERS,
+        "load_tool": "wrk" if args.wrk else "bench/client.js (load mode)",
+    }
+    load1 = os.getloadavg()[0]
+    meta["loadavg_at_start"] = round(load1, 2)
+    if load1 > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {load1:.2f} on {os.cpu_count()} CPUs at start: other work on this machine "
+              "will skew the numbers (compare ratios from one run, not absolute values across runs)", flush=True)
+    print(f"clipal bench ({meta['mode']}): phases {','.join(phases)}; targets {','.join(targets)}; "
+          f"load tool {meta['load_tool']}; out {out}", flush=True)
+
+    up_proc = None
+    try:
+        up_proc, up_port = start_upstream(args, out)
+        meta["upstream_port"] = up_port
+        print(f"upstream: node bench/upstream.js on 127.0.0.1:{up_port} (pid {up_proc.pid})", flush=True)
+        for name in targets:
+            entry = res.setdefault(name, {"phases": {}})
+            t: Target | None = None
+            try:
+                if name == "DIRECT":
+                    t = Target("DIRECT", up_port)
+                    smoke(t)
+                elif name == "CLIPAL":
+                    t = start_clipal(args, up_port, out, tmp_root)
+                else:
+                    t = start_nginx(args, up_port, out)
+            except NotRunnable as e:
+                entry.update(status="not runnable", reason=str(e))
+                print(f"{name.lower()}: not runnable ({e})", flush=True)
+                continue
+            entry.update(status="ok", port=t.port, notes=t.notes)
+            print(f"{name.lower()}: 127.0.0.1:{t.port}{t.prefix} "
+                  f"(pids {t.pids() or '-'})", flush=True)
+            try:
+                # warm-up: connection pools, lazy imports, JIT-free but cache-warm
+                load_phase(args, t, 8, 1)
+                for key in phases:
+                    settle(t, 1.0 if key in ("b2", "c1") else 0.4)
+                    if t.proc is not None and t.proc.poll() is not None:
+                        entry["phases"][key] = {"error": f"{name} exited with status {t.proc.returncode}"}
+                        continue
+                    ph0 = time.monotonic()
+                    r = run_phase(args, key, t, up_proc.pid)
+                    entry["phases"][key] = r
+                    brief = r.get("error") or _brief(key, r)
+                    print(f"  {name:<6} {key:<4} {time.monotonic() - ph0:5.1f}s  {brief}", flush=True)
+            finally:
+                if t.proc is not None:
+                    PROCS.stop(t.proc)
+    except KeyboardInterrupt:
+        print("interrupted: stopping every process started", file=sys.stderr)
+        PROCS.stop_all()
+        return 130
+    finally:
+        PROCS.stop_all()
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+    meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    header, rows = build_table(res, targets)
+    all_checks = []
+    for t in ("CLIPAL", "NGINX"):
+        if t in targets:
+            all_checks += checks(res, t, set(phases))
+
+    text = fmt_text(header, rows)
+    print()
+    print(text)
+    print()
+    for c in all_checks:
+        print(f"{c['result']:<4}  {c['target']:<6}  {c['check']:<42}  {c['value']}")
+    for t in targets:
+        if res.get(t, {}).get("status") != "ok":
+            print(f"note: {t.lower()}: not runnable ({res[t].get('reason')})")
+    print(f"\nwhole run {meta['elapsed_s']} s; results in {out / 'results.json'} and {out / 'results.md'}")
+
+    (out / "results.json").write_text(json.dumps(
+        {"meta": meta, "targets": res, "table": {"header": header, "rows": rows}, "checks": all_checks},
+        indent=2, default=str) + "\n")
+    (out / "results.md").write_text(render_md(meta, res, targets, header, rows, all_checks))
+
+    if args.strict:
+        bad = [c for c in all_checks if c["target"] == "CLIPAL" and c["result"] != "PASS"]
+        return 1 if bad or "CLIPAL" not in targets else 0
+    return 0
+
+
+def _brief(key: str, r: dict) -> str:
+    res = r.get("resources", {})
+    tail = ""
+    if "proxy_cpu_s" in res:
+        tail = f"  [cpu {res['proxy_cpu_s']:.2f}s, peak rss {res['proxy_peak_rss_mb']:.1f} MB]"
+    if key in ("a1", "a64"):
+        return f"{r['rps']:.0f} req/s p50 {r['p50_ms']:.3f} ms p99 {r['p99_ms']:.3f} ms errors {r['errors']}" + tail
+    if key == "lat":
+        return f"{r['completed']}/2000 p50 {r['p50_us']} us p99 {r['p99_us']} us errors {r['errors']}" + tail
+    if key in ("b", "b2"):
+        tt = r["ttfb_ms"]
+        return (f"{r['completed']}/{r['streams']} ttfb p50 {tt['p50']} ms, total p50 {r['total_ms']['p50']} ms, "
+                f"gap p99 {r['max_gap_ms']['p99']} ms" + (f" fail {r['failure_reasons']}" if r['failed'] else "")) + tail
+    if key in ("c1", "c4"):
+        return (f"{r['ok']}/{r['count']} ok, {r['total_s']} s, {r['mb_per_s']} MiB/s, "
+                f"upstream got {r['bytes_upstream']} B" + tail)
+    return ""
+
+
+def render_md(meta, res, targets, header, rows, all_checks) -> str:
+    h = meta["host"]
+    lines = [
+        f"### clipal benchmark, {meta['date']} ({meta['mode']} mode, commit {meta['clipal_commit']})",
+        "",
+        f"Machine: {h['cpus']} CPUs, Linux {h['kernel']}, Python {h['python']}, Node {h['node']}; "
+        f"load tool: {meta['load_tool']}; nginx: {h['nginx']} with worker_processes "
+        f"{meta['nginx_worker_processes']}. All traffic on loopback; upstream = bench/upstream.js (Node). "
+        f"Load average at start: {meta.get('loadavg_at_start')}.",
+        "",
+    ]
+    for t in targets:
+        if res.get(t, {}).get("status") != "ok":
+            lines.append(f"- {t}: not runnable ({res.get(t, {}).get('reason')})")
+    lines += ["", fmt_md(header, rows), "", "| target | check | result | value |", "|---|---|---|---|"]
+    lines += [f"| {c['target']} | {c['check']} | {c['result']} | {c['value']} |" for c in all_checks]
+    lines += ["", "Phases: " + "; ".join(f"{k} = {v}" for k, v in meta["phases"].items()) + ".",
+              "Ratios are target / DIRECT (for req/s and MiB/s higher is better; for times lower is better).", ""]
+    return "\n".join(lines)
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+    sys.exit(main())
