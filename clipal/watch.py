@@ -1,0 +1,400 @@
+"""Watch a few file names in one directory and call back when any of them changes.
+
+This is the trigger half of hot reload (SPEC §5): it knows nothing about YAML or clipal's
+configuration, it only says "one of these files may be different now". The caller re-reads
+and validates.
+
+It runs as a single gevent greenlet and only ever waits through gevent (an io watcher on a
+non-blocking inotify descriptor, or ``gevent.sleep`` when polling), so it never blocks the
+event loop, whether or not the process is monkey-patched.
+
+Two ways to notice changes:
+
+* inotify watches the *directory*, not the files: editors replace a file by renaming a new
+  one over it, and a watch on the old inode would go silent after the first save.
+* polling stats each watched file every ``poll_interval`` and compares (device, inode, size,
+  mtime). It is the fallback wherever inotify is missing or exhausted. Like any mtime-based
+  poller it can miss a rewrite that keeps the size and lands within the same timestamp tick
+  as the previous poll.
+
+Bursts of events (an editor's save dance, a script rewriting a file 100 times) are coalesced:
+the callback runs once the burst has been quiet for ``debounce`` seconds, but never later than
+about a second after the first change, so a continuous stream of writes cannot starve it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import gevent
+from gevent.socket import wait_read
+
+try:
+    import inotify_simple
+except ImportError:  # not installed, or a platform it does not support
+    inotify_simple = None  # type: ignore[assignment]
+
+log = logging.getLogger("clipal")
+
+MODES = ("auto", "inotify", "poll")
+#: Overrides a mode of "auto" (tests of the app use it to force polling).
+ENV_MODE = "CLIPAL_WATCH_MODE"
+
+# Event bits from <sys/inotify.h>; they are kernel ABI, so spelling them out here keeps this
+# module importable (and the poll mode usable) where inotify_simple is not.
+IN_MODIFY = 0x00000002
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_UNMOUNT = 0x00002000
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+IN_ONLYDIR = 0x01000000
+
+# What happens to a file name in the directory. CLOSE_WRITE is the usual "a writer finished";
+# MODIFY also catches truncate(2) and writers that keep the file open (it fires mid-write,
+# which the debounce absorbs); CREATE/DELETE/MOVED_TO/MOVED_FROM cover create, unlink,
+# rename-over and the rename-away of vim's backup dance. ATTRIB is left out on purpose:
+# a chmod or touch does not change what the file says.
+_FILE_EVENTS = IN_CLOSE_WRITE | IN_MODIFY | IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM
+# The directory itself went away (deleted, renamed, unmounted); the watch is then dead.
+# IN_IGNORED and IN_UNMOUNT are always reported, whatever the mask.
+_DIR_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED
+_WATCH_MASK = _FILE_EVENTS | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+
+#: Upper bound on how long a continuous burst can postpone the callback.
+MAX_LATENCY = 1.0
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 2.0
+_REPEAT_WARNING_AFTER = 60.0
+
+# (st_dev, st_ino, st_size, st_mtime_ns) of a file, or None when it does not exist.
+_FileState = Optional[Tuple[int, int, int, int]]
+_Snapshot = Dict[str, _FileState]
+
+
+class _WaitTimedOut(Exception):
+    """Raised by gevent's wait_read when its timeout expires; caught right there."""
+
+
+class DirectoryWatcher:
+    """Call ``on_change()`` when any of ``filenames`` in ``directory`` changes.
+
+    ``on_change`` runs in the watcher's greenlet. Changes that happen while it runs are not
+    lost: they trigger another call once it returns. Exceptions it raises are logged and the
+    watcher carries on; so does every error of the watcher's own (a missing or unreadable
+    directory, a failing read), with a short backoff while the error persists.
+
+    A watcher runs once: ``start()`` it, ``stop()`` it, make a new one to start again.
+    Use it from the thread that runs its gevent hub.
+    """
+
+    mode_in_use: str
+    """``"inotify"`` or ``"poll"`` once started (it can turn to ``"poll"`` later if the
+    inotify watch limit is hit when the directory reappears); ``""`` before."""
+
+    def __init__(
+        self,
+        directory: Path,
+        filenames: Iterable[str],
+        on_change: Callable[[], None],
+        *,
+        mode: str = "auto",
+        poll_interval: float = 0.5,
+        debounce: float = 0.15,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"watch mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be positive")
+        if debounce < 0:
+            raise ValueError("debounce must not be negative")
+        names = frozenset(filenames)
+        for name in names:
+            if not name or os.sep in name or (os.altsep and os.altsep in name):
+                raise ValueError(f"watched names are plain file names, not {name!r}")
+        self.directory = Path(directory)
+        self.filenames = names
+        self.on_change = on_change
+        self.mode = mode
+        self.poll_interval = poll_interval
+        self.debounce = debounce
+        self.mode_in_use = ""
+
+        self._greenlet: Optional[gevent.Greenlet] = None
+        self._started = False
+        self._stopping = False
+        self._inotify: Optional["inotify_simple.INotify"] = None
+        self._wd: Optional[int] = None  # None while the directory is not being watched
+        self._retry_watch_at = 0.0
+        self._seen: Optional[_Snapshot] = None  # poll mode; None means "not known yet"
+        self._first_change: Optional[float] = None  # start of the pending burst, if any
+        self._last_change = 0.0
+        self._last_warning: Optional[Tuple[str, float]] = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Set up the watch and spawn the watcher greenlet; returns at once.
+
+        The inotify watch (or the polling baseline) is taken here rather than in the
+        greenlet, so that a change made right after ``start()`` returns is already seen.
+        """
+        if self._started:
+            if self._stopping:
+                raise RuntimeError("a stopped DirectoryWatcher cannot be restarted")
+            return
+        self._started = True
+        if self._resolve_mode() != "poll":
+            self._inotify = self._open_inotify()
+        if self._inotify is None:
+            self._use_polling(self._snapshot_or_unknown())
+        else:
+            self.mode_in_use = "inotify"
+            try:
+                self._add_watch(time.monotonic(), announce=False)
+            except OSError as exc:  # e.g. EACCES: the greenlet retries and reports
+                self._warn(f"config watcher: cannot watch {self.directory}: {exc}")
+        self._greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        """Kill the greenlet and close the inotify descriptor. Idempotent.
+
+        Safe to call from inside ``on_change``: the loop then ends when the callback returns.
+        """
+        if not self._started:
+            return
+        self._stopping = True
+        greenlet, self._greenlet = self._greenlet, None
+        if greenlet is not None and greenlet is not gevent.getcurrent():
+            # Kill first: closing the descriptor under a live io watcher is not allowed.
+            greenlet.kill()
+        self._close_inotify()
+
+    # -- mode selection --------------------------------------------------------------------
+
+    def _resolve_mode(self) -> str:
+        mode = self.mode
+        if mode == "auto":
+            forced = os.environ.get(ENV_MODE, "").strip().lower()
+            if forced in MODES:
+                mode = forced
+            elif forced:
+                self._warn(f"config watcher: ignoring {ENV_MODE}={forced!r} "
+                           f"(expected one of {', '.join(MODES)})")
+        return mode
+
+    def _open_inotify(self) -> Optional["inotify_simple.INotify"]:
+        """A non-blocking inotify instance, or None (logged) when there is none to be had."""
+        if inotify_simple is None or not sys.platform.startswith("linux"):
+            log.info("config watcher: inotify is not available here; polling every %gs",
+                     self.poll_interval)
+            return None
+        try:
+            # EMFILE (per-user instance limit), ENOSYS; AttributeError when libc lacks
+            # inotify_init1 altogether.
+            return inotify_simple.INotify(nonblocking=True)
+        except (OSError, AttributeError) as exc:
+            log.warning("config watcher: inotify unavailable (%s); polling every %gs",
+                        exc, self.poll_interval)
+            return None
+
+    def _use_polling(self, baseline: Optional[_Snapshot]) -> None:
+        self._close_inotify()
+        self._wd = None
+        self._seen = baseline
+        self.mode_in_use = "poll"
+
+    def _close_inotify(self) -> None:
+        inotify, self._inotify = self._inotify, None
+        if inotify is not None:
+            inotify.close()
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stopping:
+            try:
+                if self._inotify is not None:
+                    self._inotify_step()
+                else:
+                    self._poll_step()
+            except Exception as exc:  # the watcher must outlive any error; GreenletExit is not one
+                failures += 1
+                delay = min(_BACKOFF_FIRST * 2 ** (failures - 1), _BACKOFF_MAX)
+                self._warn(f"config watcher: {type(exc).__name__}: {exc}; retrying",
+                           exc_info=not isinstance(exc, OSError))
+                gevent.sleep(delay)
+            else:
+                failures = 0
+
+    def _inotify_step(self) -> None:
+        assert self._inotify is not None
+        now = time.monotonic()
+        if self._wd is None and now >= self._retry_watch_at:
+            self._add_watch(now, announce=True)
+            if self._inotify is None:  # hit the watch limit and fell back to polling
+                return
+        self._wait_readable(self._timeout(now))
+        events = self._inotify.read(timeout=0)  # non-blocking: whatever the kernel has queued
+        now = time.monotonic()
+        self._handle_events(events, now)
+        fire_at = self._fire_at()
+        if fire_at is not None and now >= fire_at:
+            self._fire()
+
+    def _poll_step(self) -> None:
+        now = time.monotonic()
+        snapshot = self._snapshot()
+        if snapshot != self._seen:
+            # Taken before any callback runs, so a write during the callback differs from it.
+            self._seen = snapshot
+            self._note_change(now)
+        fire_at = self._fire_at()
+        if fire_at is not None and now >= fire_at:
+            self._fire()
+            return
+        wake = now + self.poll_interval
+        if fire_at is not None:
+            wake = min(wake, fire_at)
+        gevent.sleep(max(0.0, wake - time.monotonic()))
+
+    def _timeout(self, now: float) -> Optional[float]:
+        """How long the inotify step may wait for events before it has something to do."""
+        deadlines = [t for t in (self._fire_at(),) if t is not None]
+        if self._wd is None:
+            deadlines.append(self._retry_watch_at)
+        return max(0.0, min(deadlines) - now) if deadlines else None
+
+    def _wait_readable(self, timeout: Optional[float]) -> None:
+        assert self._inotify is not None
+        try:
+            wait_read(self._inotify.fileno(), timeout=timeout, timeout_exc=_WaitTimedOut)
+        except _WaitTimedOut:
+            pass
+
+    # -- inotify -----------------------------------------------------------------------------
+
+    def _add_watch(self, now: float, *, announce: bool) -> None:
+        """Watch the directory if it exists; else arrange to try again in a poll interval.
+
+        With ``announce``, a directory that (re)appears already holding watched files counts
+        as a change: they arrived while nothing was watching, so no event will say so.
+        """
+        assert self._inotify is not None
+        self._retry_watch_at = now + self.poll_interval
+        try:
+            self._wd = self._inotify.add_watch(self.directory, _WATCH_MASK)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            log.warning("config watcher: inotify watch limit reached "
+                        "(fs.inotify.max_user_watches); polling every %gs", self.poll_interval)
+            if announce:
+                # Files the directory brings back count as changed, as they would with inotify.
+                self._use_polling({name: None for name in self.filenames})
+            else:
+                self._use_polling(self._snapshot_or_unknown())
+            return
+        if announce and self._any_watched_file():
+            self._note_change(now)
+
+    def _handle_events(self, events: Iterable["inotify_simple.Event"], now: float) -> None:
+        for event in events:
+            if event.mask & IN_Q_OVERFLOW:
+                # The kernel dropped events: anything may have changed.
+                self._note_change(now)
+            elif self._wd is None or event.wd != self._wd:
+                continue  # left over from a watch that was already dropped
+            elif event.mask & _DIR_GONE:
+                if event.mask & IN_MOVE_SELF:
+                    # A renamed directory keeps its watch (and would keep reporting from its
+                    # new place); drop it. Its IN_IGNORED then arrives with a stale wd.
+                    try:
+                        self._inotify.rm_watch(event.wd)  # type: ignore[union-attr]
+                    except OSError:
+                        pass
+                self._wd = None
+                self._retry_watch_at = now
+                self._note_change(now)
+            elif event.mask & _FILE_EVENTS and event.name in self.filenames:
+                self._note_change(now)
+
+    def _any_watched_file(self) -> bool:
+        for name in self.filenames:
+            try:
+                os.lstat(self.directory / name)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError:
+                return True  # cannot tell: let the callback look
+            return True
+        return False
+
+    # -- polling -----------------------------------------------------------------------------
+
+    def _snapshot(self) -> _Snapshot:
+        """What each watched file looks like now; raises on errors other than "not there"."""
+        snapshot: _Snapshot = {}
+        for name in self.filenames:
+            try:
+                st = os.stat(self.directory / name)
+            except (FileNotFoundError, NotADirectoryError):
+                snapshot[name] = None
+            else:
+                snapshot[name] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return snapshot
+
+    def _snapshot_or_unknown(self) -> Optional[_Snapshot]:
+        """A baseline for start(); None ("unknown") if the files cannot be looked at now,
+        in which case the first successful poll counts as a change."""
+        try:
+            return self._snapshot()
+        except OSError as exc:
+            self._warn(f"config watcher: cannot stat files in {self.directory}: {exc}")
+            return None
+
+    # -- debounce and callback ---------------------------------------------------------------
+
+    def _note_change(self, now: float) -> None:
+        if self._first_change is None:
+            self._first_change = now
+        self._last_change = now
+
+    def _fire_at(self) -> Optional[float]:
+        """When the pending burst is due: quiet for ``debounce``, or at the latest
+        ``MAX_LATENCY`` after it began."""
+        if self._first_change is None:
+            return None
+        return min(self._last_change + self.debounce,
+                   self._first_change + max(self.debounce, MAX_LATENCY))
+
+    def _fire(self) -> None:
+        self._first_change = None
+        try:
+            self.on_change()
+        except Exception:
+            log.warning("config watcher: on_change failed", exc_info=True)
+
+    def _warn(self, message: str, *, exc_info: bool = False) -> None:
+        """Log a warning, but not the same one over and over while a problem persists
+        (an unreadable directory would otherwise say so every poll interval)."""
+        now = time.monotonic()
+        last = self._last_warning
+        if last is not None and last[0] == message and now - last[1] < _REPEAT_WARNING_AFTER:
+            return
+        self._last_warning = (message, now)
+        log.warning("%s", message, exc_info=exc_info)
