@@ -233,7 +233,12 @@ def _record_failure(log, pool: ProviderPool, provider: Provider, failure: forwar
 
 
 class _Relay:
-    """Streams a committed upstream response to the client and cleans up after it."""
+    """Streams a committed upstream response to the client and cleans up after it.
+
+    The WSGI server iterates it and then calls :meth:`close` on every path,
+    including when the body is never iterated (HEAD, or a client gone before
+    the first write), which a bare generator's ``finally`` would miss.
+    """
 
     def __init__(self, client: ClientKind, provider: Provider, ready: forward.Ready,
                  watch: ClientWatch, idle_timeout: float) -> None:
@@ -246,10 +251,10 @@ class _Relay:
     def response(self) -> Response:
         headers = [(k, v) for k, v in self.ready.headers if k.lower() != "x-clipal-provider"]
         headers.append(("X-Clipal-Provider", self.provider.name))
-        return PassthroughResponse(self._body(), status=f"{self.ready.status} {self.ready.reason}".strip(),
+        return PassthroughResponse(self, status=f"{self.ready.status} {self.ready.reason}".strip(),
                                    headers=headers, direct_passthrough=True)
 
-    def _body(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator[bytes]:
         log = get_logger(self.client.name)
         ready, started, sent = self.ready, time.monotonic(), 0
         try:
@@ -277,5 +282,9 @@ class _Relay:
                         self.provider.name, sent, forward.describe_error(exc))
             raise StreamAborted("upstream broke") from None
         finally:
-            self.watch.stop()
-            ready.close()
+            self.close()
+
+    def close(self) -> None:
+        """Idempotent: stop watching the client and release the upstream response."""
+        self.watch.stop()
+        self.ready.close()
