@@ -13,9 +13,10 @@ Statuses. The SPEC lists exactly which statuses fail over; on top of it:
   endpoint is not implemented here" and 505 is a protocol mismatch: both are
   answers about the request, like the 404 the SPEC already returns, and
   walking every provider would only hide the real answer behind a 503.
-* 520-524 fail over as server errors. They are Cloudflare's "the origin is
-  down / unreachable / timed out" (many relay providers sit behind
-  Cloudflare): the 502/504 of that network, i.e. exactly "a provider is down".
+* Cloudflare's 520-524 ("origin down") are returned as is, as the SPEC's
+  table says. Failing over on them would arguably serve users better (many
+  relay providers sit behind Cloudflare); that is a SPEC question, not a
+  silent extension here.
 * An ``overloaded_error`` body on a failing 5xx is classified as OVERLOADED,
   not SERVER_ERROR, so that §4.4 answers 429 (come back soon) rather than 503.
 
@@ -101,8 +102,9 @@ RETURN = Verdict(False, None, False, None, "")
 # looked at, and a gzip body never inflates beyond it (gzip bombs).
 _MAX_BODY_BYTES = 1 << 20
 
-_SERVER_ERROR_STATUSES = frozenset({500, 502, 503, 504, 520, 521, 522, 523, 524})
-_FAILOVER_STATUSES = frozenset({401, 402, 403, 408, 429, 529}) | _SERVER_ERROR_STATUSES
+_SERVER_ERROR_STATUSES = frozenset({500, 502, 503, 504})
+#: Every status that can fail over; the forwarder reads these bodies before deciding.
+FAILOVER_STATUSES = frozenset({401, 402, 403, 408, 429, 529}) | _SERVER_ERROR_STATUSES
 
 # Identifiers (error type / code / Google status / ErrorInfo reason /
 # details.error_code), compared lowercased.
@@ -238,7 +240,7 @@ _NO_ERROR = _ErrorInfo("", "", "", None, (), (), "", False)
 
 def classify_response(status: int, headers: Mapping[str, str], body: bytes, *, now: float) -> Verdict:
     """Classify a complete upstream status line, headers and (bounded) body."""
-    if status not in _FAILOVER_STATUSES:
+    if status not in FAILOVER_STATUSES:
         return RETURN  # never spend time decoding a body that cannot change the answer
     lowered = _lower_headers(headers)
     error_json = _decode_json_body(body, lowered.get("content-encoding", ""))
@@ -271,7 +273,7 @@ def classify_sse_error(event: bytes, *, now: float) -> Verdict | None:
         return None
     info = _error_info(error_json)
     status = _implied_status(info)
-    if status not in _FAILOVER_STATUSES:
+    if status not in FAILOVER_STATUSES:
         return None
     verdict = _decide(status, info, _hint({}, error_json, now))
     return replace(verdict, reason=f"SSE error event: {verdict.reason}")

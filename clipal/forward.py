@@ -24,7 +24,7 @@ import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
-from .classify import RETURN, Kind, Verdict, classify_response, classify_sse_error
+from .classify import FAILOVER_STATUSES, Kind, Verdict, classify_response, classify_sse_error
 from .outbound import UpstreamRequest, end_to_end
 
 #: Largest read handed to the client at once; smaller reads return as soon as bytes arrive.
@@ -35,9 +35,6 @@ ERROR_BODY_LIMIT = 64 * 1024
 FIRST_EVENT_LIMIT = 64 * 1024
 #: Opening a TCP/TLS connection gets at most this long (or the idle timeout, if shorter).
 CONNECT_TIMEOUT = 15.0
-
-#: Statuses whose verdict depends on the body (or its retry hint), so the body is read first.
-_FAILOVER_STATUSES = frozenset({401, 402, 403, 408, 429, 500, 502, 503, 504, 529})
 
 
 class AttemptFailed(Exception):
@@ -166,7 +163,7 @@ def send(session: requests.Session, request: UpstreamRequest, body: bytes, idle_
 def _to_commit_point(method: str, response: requests.Response, idle_timeout: float) -> Ready:
     status = response.status_code
     try:
-        if status in _FAILOVER_STATUSES:
+        if status in FAILOVER_STATUSES:  # the verdict may depend on the body or its retry hint
             error_body = _read_up_to(response, ERROR_BODY_LIMIT, idle_timeout)
             verdict = classify_response(status, response.headers, error_body, now=time.time())
             if verdict.failover:
