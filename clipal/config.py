@@ -38,8 +38,13 @@ class ConfigError(ValueError):
         self.file = file
         self.provider = provider
         self.message = message
-        where = f'provider "{provider}": ' if provider is not None else ""
+        where = f'provider "{_printable(provider)}": ' if provider is not None else ""
         super().__init__(f"{file}: {where}{message}")
+
+
+def _printable(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped, so the error stays one line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 @dataclass(frozen=True)
