@@ -7,6 +7,8 @@ step. An invalid edit is reported and the running configuration stays.
 
 from __future__ import annotations
 
+import dataclasses
+
 from .app import Runtime, warn_about_permissions
 from .clients import CLIENTS
 from .config import CONFIG_FILE, Config, ConfigError, load_config
@@ -53,8 +55,12 @@ class Reloader:
             if field not in self.runtime.overrides and getattr(new.settings, field) != getattr(old.settings, field):
                 log.warning("%s: %s changed to %r; restart clipal to apply it", CONFIG_FILE, field,
                             getattr(new.settings, field))
+        # listen_addr/port keep their running values in the snapshot: that is what is served,
+        # and what the next reload compares with (so a later edit still says "restart", and
+        # putting the running values back does not).
+        running = {field: getattr(old.settings, field) for field in _RESTART_ONLY}
+        new = dataclasses.replace(new, settings=dataclasses.replace(new.settings, **running))
         snapshot = self.runtime.apply(new)
-        # listen_addr/port keep their running values in the snapshot: that is what is served.
         changes = describe_changes(old, snapshot.config)
         log.info("configuration reloaded%s", (": " + "; ".join(changes)) if changes else " (no changes)")
         warn_about_permissions(snapshot.config)
