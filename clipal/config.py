@@ -10,7 +10,9 @@ silently change which provider receives a user's requests.
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -245,10 +247,23 @@ _PROVIDER_REQUIRED = ("name", "base_url", "api_key")
 # --- files ------------------------------------------------------------------
 
 
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
 def _read_yaml(path: Path) -> Any:
-    """The parsed document, or None when the file is missing or empty."""
+    """The parsed document, or None when the file is missing or empty.
+
+    Only regular files are read. Opening a FIFO for reading waits for a writer,
+    and file I/O is not cooperative under gevent: one FIFO named codex.yaml
+    would freeze the whole proxy. O_NONBLOCK makes that open return at once
+    (it changes nothing for a regular file); a device could be endless.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb", opener=_open_nonblocking) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(path.name, "is not a regular file")
+            text = f.read().decode("utf-8")
     except FileNotFoundError:
         return None
     except UnicodeDecodeError:
