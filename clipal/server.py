@@ -12,6 +12,7 @@ import socket
 import gevent
 from flask import Flask
 from gevent.event import Event
+from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from .logs import get_logger
@@ -29,6 +30,9 @@ class ProxyHandler(WSGIHandler):
       notice a hang-up while the proxy waits on an upstream.
     - ``RAW_URI``: the request target exactly as sent, so the upstream path
       keeps the client's percent-encoding.
+    - Shutdown: while it waits for a request on a kept-alive connection the
+      connection is idle and :meth:`ProxyServer.drain` may close it; once the
+      server drains, no further request is read on any connection.
     """
 
     def __init__(self, sock, address, server, rfile=None):
@@ -37,6 +41,18 @@ class ProxyHandler(WSGIHandler):
         except (OSError, AttributeError):
             pass  # not TCP (a Unix socket in tests); nothing to tune
         super().__init__(sock, address, server, rfile)
+
+    def read_requestline(self):
+        idle = getattr(self.server, "idle_sockets", None)
+        if idle is None:  # not a ProxyServer
+            return super().read_requestline()
+        if self.server.draining:
+            return ""  # shutting down: close this connection instead of reading another request
+        idle.add(self.socket)
+        try:
+            return super().read_requestline()
+        finally:
+            idle.discard(self.socket)
 
     def get_environ(self):
         environ = super().get_environ()
@@ -61,15 +77,38 @@ class _ErrorLog:
         pass
 
 
-def make_server(app: Flask, listen_addr: str, port: int) -> WSGIServer:
+class ProxyServer(WSGIServer):
+    """WSGIServer that can drain: close idle kept-alive connections, read no new requests.
+
+    Connection handlers run in an (unbounded) pool, so that ``stop(timeout)``
+    waits for in-flight responses; without a pool gevent's ``stop`` returns at
+    once and the process exits in the middle of a client's stream.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("spawn", Pool())
+        super().__init__(*args, **kwargs)
+        self.idle_sockets: set = set()
+        self.draining = False
+
+    def drain(self) -> None:
+        self.draining = True
+        for sock in list(self.idle_sockets):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the handler's read with EOF; it then closes
+            except OSError:
+                pass
+
+
+def make_server(app: Flask, listen_addr: str, port: int) -> ProxyServer:
     """Bind now (so a port in use fails at start) and return the server, not yet serving."""
-    server = WSGIServer((listen_addr, port), app, handler_class=ProxyHandler, log=None,
-                        error_log=_ErrorLog(), backlog=2048)
+    server = ProxyServer((listen_addr, port), app, handler_class=ProxyHandler, log=None,
+                         error_log=_ErrorLog(), backlog=2048)
     server.init_socket()
     return server
 
 
-def serve(server: WSGIServer, on_stop=None) -> None:
+def serve(server: ProxyServer, on_stop=None) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and let in-flight responses finish."""
     stopping = Event()
 
@@ -81,9 +120,13 @@ def serve(server: WSGIServer, on_stop=None) -> None:
                           SHUTDOWN_GRACE)
         if on_stop is not None:
             on_stop()
+        server.drain()
         server.stop(timeout=SHUTDOWN_GRACE)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, lambda: gevent.spawn(shutdown))
-    server.serve_forever()
+    # serve_forever wakes as soon as stop() closes the listener and runs its own
+    # stop(stop_timeout): that one must grant the same grace, or it kills the
+    # in-flight responses after gevent's default of one second.
+    server.serve_forever(stop_timeout=SHUTDOWN_GRACE)
     get_logger().info("stopped")
