@@ -137,6 +137,8 @@ class DirectoryWatcher:
         self._inotify: Optional["inotify_simple.INotify"] = None
         self._wd: Optional[int] = None  # None while the directory is not being watched
         self._retry_watch_at = 0.0
+        self._watched_id: Optional[Tuple[int, int]] = None  # (st_dev, st_ino) of the watched directory
+        self._check_dir_at = 0.0
         self._seen: Optional[_Snapshot] = None  # poll mode; None means "not known yet"
         self._first_change: Optional[float] = None  # start of the pending burst, if any
         self._last_change = 0.0
@@ -250,6 +252,8 @@ class DirectoryWatcher:
         events = self._inotify.read(timeout=0)  # non-blocking: whatever the kernel has queued
         now = time.monotonic()
         self._handle_events(events, now)
+        if self._wd is not None and now >= self._check_dir_at:
+            self._check_directory(now)
         fire_at = self._fire_at()
         if fire_at is not None and now >= fire_at:
             self._fire()
@@ -275,6 +279,8 @@ class DirectoryWatcher:
         deadlines = [t for t in (self._fire_at(),) if t is not None]
         if self._wd is None:
             deadlines.append(self._retry_watch_at)
+        else:
+            deadlines.append(self._check_dir_at)
         return max(0.0, min(deadlines) - now) if deadlines else None
 
     def _wait_readable(self, timeout: Optional[float]) -> None:
@@ -309,8 +315,41 @@ class DirectoryWatcher:
             else:
                 self._use_polling(self._snapshot_or_unknown())
             return
+        self._watched_id = self._directory_id()
+        self._check_dir_at = now + self.poll_interval
         if announce and self._any_watched_file():
             self._note_change(now)
+
+    def _directory_id(self) -> Optional[Tuple[int, int]]:
+        """(device, inode) of the directory now; None when it is gone, the watched one's
+        when it cannot be looked at (so an unreadable parent does not drop a good watch)."""
+        try:
+            st = os.stat(self.directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError:
+            return self._watched_id
+        return (st.st_dev, st.st_ino)
+
+    def _check_directory(self, now: float) -> None:
+        """Drop the watch when the directory was deleted or replaced without an event.
+
+        The kernel sends IN_DELETE_SELF only when the last reference to a deleted
+        directory goes; anything still open inside it (clipal's own log file under the
+        default log_dir, a shell's working directory) keeps it alive, and the watch would
+        sit on a dead directory forever. So the directory's identity is checked every
+        poll interval: one stat.
+        """
+        self._check_dir_at = now + self.poll_interval
+        if self._directory_id() == self._watched_id:
+            return
+        try:
+            self._inotify.rm_watch(self._wd)  # type: ignore[union-attr]
+        except OSError:
+            pass
+        self._wd = None
+        self._retry_watch_at = now
+        self._note_change(now)
 
     def _handle_events(self, events: Iterable["inotify_simple.Event"], now: float) -> None:
         for event in events:
