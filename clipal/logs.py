@@ -403,6 +403,22 @@ class DailyFileHandler(_QuietHandler):
     def describe(self) -> str:
         return str(self._path or self.log_dir)
 
+    def writes_to_its_path(self) -> bool:
+        """Whether the open file is still the one at ``path`` (not deleted or replaced).
+
+        Checked on reload only, not per line: a user who deleted the log directory (or
+        the whole config directory with it) and recreated it gets a fresh file on the next
+        reload instead of lines vanishing into an unlinked file until midnight.
+        """
+        stream, path = self._stream, self._path
+        if stream is None or path is None:
+            return False
+        try:
+            open_file, named = os.fstat(stream.fileno()), os.stat(path)
+        except (OSError, ValueError):
+            return False
+        return (open_file.st_dev, open_file.st_ino) == (named.st_dev, named.st_ino)
+
     def set_retention(self, retention_days: int) -> None:
         """Change retention (on reload) and apply it now, not at the next midnight."""
         with self.lock:  # type: ignore[union-attr]
@@ -523,12 +539,13 @@ def configure_logging(
         _redactor.set_known(secrets)
         current = _owned_handlers()
         # Keep the open file when the directory is unchanged; a handler whose file
-        # could not be opened is replaced, so a reload retries a fixed directory.
+        # could not be opened, or was deleted since, is replaced, so a reload retries
+        # a fixed directory and recreates a deleted log file.
         file_handler = next(
             (
                 h
                 for h in current
-                if isinstance(h, DailyFileHandler) and h.log_dir == log_dir and h.path is not None
+                if isinstance(h, DailyFileHandler) and h.log_dir == log_dir and h.writes_to_its_path()
             ),
             None,
         )
