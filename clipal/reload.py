@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import gevent
+
 from .app import Runtime, warn_about_permissions
 from .clients import CLIENTS
 from .config import CONFIG_FILE, Config, ConfigError, load_config
@@ -17,6 +19,9 @@ from .watch import DirectoryWatcher
 
 #: Settings that only take effect when the listening socket is reopened.
 _RESTART_ONLY = ("listen_addr", "port")
+
+#: How often a reload refused because a file was not readable is tried again.
+UNREADABLE_RETRY = 1.0
 
 
 def describe_changes(old: Config, new: Config) -> list[str]:
@@ -40,6 +45,8 @@ class Reloader:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self._unreadable: str | None = None  # the refusal being retried, if any
+        self._retry: gevent.Greenlet | None = None
 
     def reload(self) -> bool:
         """Load, validate and apply. Returns whether a new configuration was applied."""
@@ -48,8 +55,17 @@ class Reloader:
         try:
             new = load_config(old.config_dir)
         except ConfigError as error:
-            log.warning("config reload rejected, keeping the running configuration: %s", error)
+            retrying, self._unreadable = self._unreadable, None
+            if str(error) != retrying:  # a retry does not repeat the same warning every second
+                log.warning("config reload rejected, keeping the running configuration: %s", error)
+            if isinstance(error.__context__, PermissionError):
+                # Fixing permissions (chmod) is not an edit the watcher reports, by design:
+                # look again until the file can be read or another reload supersedes this.
+                self._unreadable = str(error)
+                if self._retry is None or self._retry.dead:
+                    self._retry = gevent.spawn_later(UNREADABLE_RETRY, self._retry_unreadable)
             return False
+        self._unreadable = None
         # Flags given on the command line keep winning over the files.
         for field in _RESTART_ONLY:
             if field not in self.runtime.overrides and getattr(new.settings, field) != getattr(old.settings, field):
@@ -65,6 +81,14 @@ class Reloader:
         log.info("configuration reloaded%s", (": " + "; ".join(changes)) if changes else " (no changes)")
         warn_about_permissions(snapshot.config)
         return True
+
+    def _retry_unreadable(self) -> None:
+        self._retry = None  # so that a refusal in this reload schedules the next retry
+        if self._unreadable is not None:
+            try:
+                self.reload()
+            except Exception:  # as in the watcher: never let a reload error end the retries silently
+                get_logger().warning("config reload failed", exc_info=True)
 
 
 def start_watching(runtime: Runtime) -> DirectoryWatcher:
