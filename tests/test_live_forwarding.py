@@ -618,3 +618,51 @@ def test_a_chunked_body_under_the_small_limit_is_forwarded(small_proxy, up):
                       headers={"Content-Type": "application/json"})
     assert r.status_code == 200
     assert only_request(up).body == b"".join(pieces)
+
+
+def test_repeated_headers_a_redirect_and_its_location_pass_through(proxy, up):
+    up.script(Reply(status=302, headers=(("Location", "https://elsewhere.example.com/v1/x"), ("Set-Cookie", "a=1"),
+                                         ("Set-Cookie", "b=2"), ("X-Multi", "one"), ("X-Multi", "two")),
+                    body=b"moved", framing="length"))
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    try:
+        conn.request("GET", "/codex/v1/models")
+        response = conn.getresponse()
+        assert response.status == 302  # not followed: the client decides
+        assert response.read() == b"moved"
+        assert response.getheader("Location") == "https://elsewhere.example.com/v1/x"
+        assert response.msg.get_all("Set-Cookie") == ["a=1", "b=2"]
+        assert response.msg.get_all("X-Multi") == ["one", "two"]
+    finally:
+        conn.close()
+    assert len(up.requests) == 1
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_a_large_response_arrives_complete_and_byte_identical(proxy, up, framing):
+    body = bytes(range(256)) * (4 * 4096)  # 4 MiB, every byte value
+    up.script(Reply.raw(200, body, {"Content-Type": "application/octet-stream"}, framing=framing))
+    r = requests.get(proxy.url + "/codex/v1/files/big/content", stream=True)
+    assert r.status_code == 200
+    assert r.raw.read(decode_content=False) == body
+
+
+def test_expect_100_continue_body_is_forwarded(proxy, up):
+    body = json.dumps({"model": "m", "pad": "x" * 5000}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    try:
+        conn.putrequest("POST", "/codex/v1/chat/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.putheader("Expect", "100-continue")
+        conn.endheaders()
+        conn.sock.settimeout(5)
+        interim = conn.sock.recv(100)
+        assert interim.startswith(b"HTTP/1.1 100"), interim
+        conn.send(body)
+        response = conn.getresponse()
+        assert response.status == 200
+        response.read()
+    finally:
+        conn.close()
+    assert only_request(up).body == body
