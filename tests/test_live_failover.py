@@ -7,6 +7,7 @@ back and which upstreams saw what.
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 import time
@@ -285,7 +286,7 @@ def test_a_client_error_is_returned_untouched_without_failover(clipal, upstream_
 # --------------------------------------------------------------------------- the body
 
 
-@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "gzip"])
 def test_a_retried_body_is_byte_identical_on_every_provider(clipal, upstream_factory, framing):
     a, b, c = upstream_factory("A"), upstream_factory("B"), upstream_factory("C")
     a.script(Reply.openai_error(503))
@@ -294,13 +295,19 @@ def test_a_retried_body_is_byte_identical_on_every_provider(clipal, upstream_fac
     body = (b'{"model" :"m",\n\t"messages":[{"role":"user","content":"h\\u00e9llo \xc3\xa9\xf0\x9f\x98\x80"}],'
             b' "pad": "' + b"x" * 300_000 + b'", "n": 1.0e0 }')
     headers = {"Content-Type": "application/json; charset=utf-8"}
-    data = body if framing == "content-length" else iter([body[:1000], body[1000:200_000], body[200_000:]])
+    data = body
+    if framing == "chunked":
+        data = iter([body[:1000], body[1000:200_000], body[200_000:]])
+    elif framing == "gzip":  # a compressed request body (agents may compress theirs) stays compressed
+        body = data = gzip.compress(body)
+        headers["Content-Encoding"] = "gzip"
     proxy = clipal(codex=[provider("A", a), provider("B", b), provider("C", c)])
 
     r = requests.post(proxy.url + "/codex/v1/chat/completions", data=data, headers=headers, timeout=TIMEOUT)
-    assert_answered_by(r, "C")
+    assert r.status_code == 200 and r.headers["X-Clipal-Provider"] == "C"
     for upstream in (a, b, c):
         assert upstream.requests[0].body == body
+        assert upstream.requests[0].headers["Content-Encoding"] == headers.get("Content-Encoding")
 
 
 # --------------------------------------------------------------------------- SSE error events
@@ -437,6 +444,6 @@ def test_fifty_concurrent_streams_all_complete_from_the_second_provider(clipal, 
         results = list(pool.map(stream, range(50)))
 
     assert results == [(200, "B", text, True)] * 50
-    assert len(a.requests) >= 10  # many of them failed over at the same time
+    assert len(a.requests) >= 10, len(a.requests)  # many of them failed over at the same time
     assert len(b.requests) == 50
     assert sorted(r.json()["user"] for r in b.requests) == sorted(f"u{n}" for n in range(50))
