@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from flask import Blueprint, Flask, Response, request
+from werkzeug.exceptions import HTTPException
 
 from . import forward, proxy
 from .clients import CLIENTS, ClientKind
@@ -25,6 +26,8 @@ from .proxy import Snapshot
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 _EXTENSION = "clipal"
+#: The endpoint name of every client Blueprint's proxy view.
+_PROXY_ENDPOINT = "proxy"
 
 
 def default_config_dir() -> Path:
@@ -81,9 +84,45 @@ def _client_blueprint(client: ClientKind) -> Blueprint:
         return proxy.handle(client, request.environ, runtime.snapshot, runtime.session)
 
     for rule in ("", "/", "/<path:subpath>"):
-        blueprint.add_url_rule(rule, "proxy", view, methods=_METHODS, provide_automatic_options=False,
+        blueprint.add_url_rule(rule, _PROXY_ENDPOINT, view, methods=_METHODS, provide_automatic_options=False,
                                strict_slashes=False)
     return blueprint
+
+
+class _ProxyDispatch:
+    """The app's WSGI entry: proxied requests go to the proxy without Flask's per-request work.
+
+    Flask's request context, signals, session interface and response
+    finalisation cost about 100 us per request on a small machine (a sixth of
+    clipal's CPU for a small proxied request), and a proxied request uses none
+    of them. Routing stays Flask's: the app's URL map, built from the client
+    Blueprints, decides. A request it routes to a Blueprint's proxy view is
+    served here the way that view would serve it; everything else (/health,
+    404, 405) goes through Flask unchanged.
+    """
+
+    def __init__(self, app: Flask, runtime: Runtime) -> None:
+        self.flask_wsgi_app = app.wsgi_app
+        self.url_map = app.url_map
+        self.runtime = runtime
+        self.clients = {f"{client.name}.{_PROXY_ENDPOINT}": client for client in CLIENTS}
+
+    def __call__(self, environ: dict, start_response):
+        try:
+            endpoint, _ = self.url_map.bind_to_environ(environ).match()
+        except HTTPException:  # 404, 405: Flask answers with its error handlers
+            endpoint = None
+        client = self.clients.get(endpoint)
+        if client is None:
+            return self.flask_wsgi_app(environ, start_response)
+        runtime = self.runtime
+        try:
+            response = proxy.handle(client, environ, runtime.snapshot, runtime.session)
+        except Exception:  # what Flask would do: log it (redacted) and answer 500
+            get_logger(client.name).exception("internal error serving %s %s", environ.get("REQUEST_METHOD"),
+                                              environ.get("PATH_INFO"))
+            response = proxy.error_response(client, 500, "clipal: internal error")
+        return response(environ, start_response)
 
 
 def _runtime() -> Runtime:
@@ -131,6 +170,8 @@ def create_app(config_dir: Path | str | None = None, *, config: Config | None = 
     @app.errorhandler(405)
     def not_allowed(_error: Exception) -> Response:
         return proxy.error_response(None, 405, f"clipal: method {request.method} not allowed for {request.path}")
+
+    app.wsgi_app = _ProxyDispatch(app, runtime)
 
     if watch:
         from .reload import start_watching
