@@ -19,6 +19,8 @@ from .logs import get_logger
 
 #: How long in-flight responses may take to finish after SIGTERM/SIGINT (SPEC §1).
 SHUTDOWN_GRACE = 5.0
+#: A first body write up to this size is sent together with the response headers.
+COALESCE_LIMIT = 64 * 1024
 
 
 class ProxyHandler(WSGIHandler):
@@ -53,6 +55,42 @@ class ProxyHandler(WSGIHandler):
             return super().read_requestline()
         finally:
             idle.discard(self.socket)
+
+    def log_request(self):
+        """No access log: clipal serves with ``log=None`` and logs each completion itself.
+
+        pywsgi would still format an access line (with a datetime) per
+        request, only to hand it to a no-op log.
+        """
+
+    def _write_with_headers(self, data):
+        # pywsgi sends the header block and the first body bytes with two
+        # sendall() calls. A small first write (a whole small JSON answer, or
+        # an SSE stream's first event) goes out in the same call as the
+        # headers instead: half the syscalls for a small response, one TCP
+        # segment. Larger writes keep pywsgi's path, which avoids the copy.
+        if len(data) > COALESCE_LIMIT:
+            return super()._write_with_headers(data)
+        self.headers_sent = True
+        self.finalize_headers()
+        # as pywsgi: status and headers are already latin-1 bytes from start_response
+        towrite = bytearray(b"HTTP/1.1 ")
+        towrite += self.status
+        towrite += b"\r\n"
+        for header, value in self.response_headers:
+            towrite += header
+            towrite += b": "
+            towrite += value
+            towrite += b"\r\n"
+        towrite += b"\r\n"
+        if data:
+            if self.response_use_chunked:
+                towrite += b"%x\r\n" % len(data)
+                towrite += data
+                towrite += b"\r\n"
+            else:
+                towrite += data
+        self._sendall(towrite)
 
     def get_environ(self):
         environ = super().get_environ()
