@@ -29,6 +29,7 @@ from requests.structures import CaseInsensitiveDict
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from . import headerparse
 from .classify import FAILOVER_STATUSES, Kind, Verdict, classify_response, classify_sse_error
 from .outbound import UpstreamRequest, end_to_end
 
@@ -88,10 +89,12 @@ def _is_connected(connection: HTTPConnection) -> bool:
 
 class _Connection(HTTPConnection):
     is_connected = property(_is_connected)
+    response_class = headerparse.HTTPResponse  # header blocks parsed without the email package
 
 
 class _TLSConnection(HTTPSConnection):
     is_connected = property(_is_connected)
+    response_class = headerparse.HTTPResponse
 
 
 class _Pool(HTTPConnectionPool):

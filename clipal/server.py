@@ -6,6 +6,7 @@ The process must be monkey-patched before this module is imported (see
 
 from __future__ import annotations
 
+import http.client
 import signal
 import socket
 
@@ -13,8 +14,9 @@ import gevent
 from flask import Flask
 from gevent.event import Event
 from gevent.pool import Pool
-from gevent.pywsgi import WSGIHandler, WSGIServer
+from gevent.pywsgi import OldMessage, WSGIHandler, WSGIServer
 
+from .headerparse import parse_headers
 from .logs import get_logger
 
 #: How long in-flight responses may take to finish after SIGTERM/SIGINT (SPEC §1).
@@ -55,6 +57,16 @@ class ProxyHandler(WSGIHandler):
             return super().read_requestline()
         finally:
             idle.discard(self.socket)
+
+    def MessageClass(self, fp, *args):
+        # pywsgi's headers_factory, with clipal's fast header parser
+        # (:mod:`clipal.headerparse`: the same result as http.client's).
+        try:
+            return parse_headers(fp, _class=OldMessage)
+        except http.client.LineTooLong:
+            message = OldMessage()
+            message.status = "Line too long"
+            return message
 
     def log_request(self):
         """No access log: clipal serves with ``log=None`` and logs each completion itself.
