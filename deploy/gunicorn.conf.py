@@ -68,3 +68,9 @@ errorlog = "-"
 loglevel = "info"
 
 proc_name = "clipal"
+
+# gunicorn >= 25.1 opens a control socket at one fixed path per user
+# ($XDG_RUNTIME_DIR/gunicorn.ctl or ~/.gunicorn/gunicorn.ctl), shared by every
+# gunicorn that user runs; clipal needs no runtime control, so don't claim it.
+# (Older gunicorn ignores the unknown name.)
+control_socket_disable = True
