@@ -6,6 +6,7 @@ The process must be monkey-patched before this module is imported (see
 
 from __future__ import annotations
 
+import ctypes
 import http.client
 import signal
 import socket
@@ -158,8 +159,32 @@ def make_server(app: Flask, listen_addr: str, port: int) -> ProxyServer:
     return server
 
 
+#: glibc's mallopt parameter number for the mmap threshold.
+_M_MMAP_THRESHOLD = -3
+#: Allocations from this size up get their own memory mapping, returned to the OS when freed.
+LARGE_ALLOCATION = 1 << 20
+
+
+def return_large_buffers_to_the_os() -> None:
+    """Keep request bodies in memory only while a request holds them (glibc).
+
+    glibc serves a large allocation (a 10 MiB request body) from its own
+    mmap and unmaps it when freed, but it then raises its mmap threshold to
+    that size, so the next bodies come from the heap, whose free space it
+    keeps: RSS stayed ~45 MB above the baseline after one 10 MiB upload at a
+    time. A fixed threshold turns that adjustment off. Elsewhere (musl, macOS)
+    this does nothing.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION)
+
+
 def serve(server: ProxyServer, on_stop=None) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and let in-flight responses finish."""
+    return_large_buffers_to_the_os()
     stopping = Event()
 
     def shutdown() -> None:
