@@ -203,6 +203,30 @@ class _Adapter(HTTPAdapter):
     def init_poolmanager(self, *args, **kwargs) -> None:
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+        self._pools: dict[str, HTTPConnectionPool] = {}
+
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+        # requests parses the URL and normalises a pool key on every request
+        # (~13 us); without a proxy or client certificate the pool only
+        # depends on the URL's origin, so it is remembered per origin until
+        # the pool manager evicts (and closes) it.
+        if proxies or cert is not None or verify is not True:
+            return super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
+        origin = _origin(request.url)
+        pool = self._pools.get(origin)
+        if pool is None or pool.pool is None:
+            pool = super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
+            if len(self._pools) >= 64:  # base URLs changed over reloads: forget the old ones
+                self._pools.clear()
+            self._pools[origin] = pool
+        return pool
+
+    def request_url(self, request, proxies):
+        # Without a proxy requests sends the path and query; it finds that out
+        # by parsing the URL twice more (~3 us).
+        if proxies:
+            return super().request_url(request, proxies)
+        return request.path_url
 
     def build_response(self, req: requests.PreparedRequest, resp) -> requests.Response:
         # HTTPAdapter.build_response minus extracting cookies: clipal passes
@@ -253,6 +277,12 @@ def _prepare(request: UpstreamRequest, body: bytes) -> requests.PreparedRequest:
     prepared.headers = headers
     prepared.body = body or None
     return prepared
+
+
+def _origin(url: str) -> str:
+    """``scheme://host:port`` of a URL (anything before its path or query)."""
+    scheme, _, rest = url.partition("://")
+    return scheme.lower() + "://" + rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
 
 
 _proxy_cache: dict[str, dict[str, str]] = {}
