@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import errno
 import socket
-from contextlib import contextmanager
-from typing import Iterator
 
 import gevent
 from gevent import getcurrent
@@ -72,18 +70,24 @@ class ClientWatch:
         if self._armed and self._greenlet is not None:
             self._greenlet.throw(ClientGone())
 
-    @contextmanager
-    def guard(self) -> Iterator[None]:
-        """Let a client hang-up interrupt the enclosed wait with :class:`ClientGone`."""
+    def guard(self) -> ClientWatch:
+        """Let a client hang-up interrupt the enclosed wait with :class:`ClientGone`.
+
+        Use as ``with watch.guard(): ...``. The watch is its own context
+        manager (not a generator-based one): a stream enters it once per
+        chunk, and this costs a fraction of contextlib's machinery.
+        """
+        return self
+
+    def __enter__(self) -> None:
         if self.gone:
             raise ClientGone()
         self._greenlet = getcurrent()
         self._armed = True
-        try:
-            yield
-        finally:
-            self._armed = False
-            self._greenlet = None
+
+    def __exit__(self, *exc_info) -> None:
+        self._armed = False
+        self._greenlet = None
 
     def stop(self) -> None:
         if self._watcher is not None:

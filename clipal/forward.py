@@ -410,12 +410,23 @@ def stream_rest(ready: Ready, idle_timeout: float) -> Iterator[bytes]:
     pool for reuse.
     """
     response = ready.response
-    while True:
-        data = _read_some(response, idle_timeout)
-        if not data:
-            response.raw.release_conn()
-            return
-        yield data
+    read1 = response.raw.read1
+    # One timer for the whole stream, re-armed for each read: a new
+    # gevent.Timeout per read allocates a timer watcher every time.
+    timer = gevent.Timeout(idle_timeout or None, UpstreamIdle)
+    try:
+        while True:
+            timer.start()
+            try:
+                data = read1(READ_SIZE, decode_content=False)
+            finally:
+                timer.cancel()
+            if not data:
+                response.raw.release_conn()
+                return
+            yield data
+    finally:
+        timer.close()
 
 
 def _as_mapping(headers: list[tuple[str, str]]) -> dict[str, str]:

@@ -105,6 +105,21 @@ class ProxyHandler(WSGIHandler):
                 towrite += data
         self._sendall(towrite)
 
+    def _sendall(self, data):
+        # pywsgi's _sendall, with one plain send() first: gevent's sendall()
+        # adds a getsockopt(SO_SNDBUF) syscall and memoryview slicing to every
+        # call, and a response chunk nearly always fits the socket buffer.
+        try:
+            sent = self.socket.send(data)
+            if sent < len(data):
+                self.socket.sendall(memoryview(data)[sent:])
+        except OSError as ex:
+            self.status = "socket error: %s" % ex
+            if self.code > 0:
+                self.code = -self.code
+            raise
+        self.response_length += len(data)
+
     def get_environ(self):
         environ = super().get_environ()
         environ["clipal.client_socket"] = self.socket
