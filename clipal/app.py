@@ -117,7 +117,7 @@ class _ProxyDispatch:
             return self.flask_wsgi_app(environ, start_response)
         runtime = self.runtime
         try:
-            response = proxy.handle(client, environ, runtime.snapshot, runtime.session)
+            response = proxy.serve(client, environ, runtime.snapshot, runtime.session)
         except Exception:  # what Flask would do: log it (redacted) and answer 500
             get_logger(client.name).exception("internal error serving %s %s", environ.get("REQUEST_METHOD"),
                                               environ.get("PATH_INFO"))

@@ -25,8 +25,12 @@ import re
 import types
 from email import policy
 
-#: A header name as the email parser's header-line pattern accepts it (no empty name).
-_NAME = re.compile(r"[\041-\071\073-\176]+")
+#: A block of plain header lines: a name the email parser takes as a header
+#: (printable ASCII but the colon, at least one character), a colon, a value
+#: without CR or LF, a CRLF or LF line end.
+_PLAIN_BLOCK = re.compile(r"(?:[\041-\071\073-\176]+:[^\r\n]*\r?\n)*")
+#: One such line: name, and value without its leading blanks (compat32 strips them).
+_PLAIN_LINE = re.compile(r"([\041-\071\073-\176]+):[ \t]*([^\r\n]*)\r?\n")
 _MIME_STRUCTURE = ("multipart/", "message/")
 
 
@@ -44,19 +48,13 @@ def _simple_message(lines: list[bytes], _class):
     """The parsed message when every line is a plain header line, else None."""
     if not lines or lines[-1] not in (b"\r\n", b"\n"):
         return None  # ended without a blank line: leave the edge cases to the email parser
-    pairs = []
-    for raw in lines[:-1]:
-        line = raw.decode("iso-8859-1")
-        content = line[:-2] if line.endswith("\r\n") else line[:-1]
-        if "\r" in content:
-            return None  # the email parser splits lines on a bare CR too
-        name, _, value = content.partition(":")
-        if not _NAME.fullmatch(name) or len(name) == len(content):
-            return None  # no colon, empty or odd name, continuation line, "From " line
-        value = value.lstrip(" \t")
-        if name.lower() == "content-type" and value.lower().startswith(_MIME_STRUCTURE):
+    block = b"".join(lines[:-1]).decode("iso-8859-1")
+    if _PLAIN_BLOCK.fullmatch(block) is None:
+        return None  # continuation line, bare CR, no colon, empty or odd name, "From " line
+    pairs = _PLAIN_LINE.findall(block)
+    for name, value in pairs:
+        if len(name) == 12 and name.lower() == "content-type" and value.lower().startswith(_MIME_STRUCTURE):
             return None
-        pairs.append((name, value))
     message = _class(policy=policy.compat32)
     message._headers = pairs
     message._payload = ""  # what the email parser leaves for an empty body
