@@ -7,6 +7,7 @@ The process must be monkey-patched before this module is imported (see
 from __future__ import annotations
 
 import ctypes
+import gc
 import http.client
 import signal
 import socket
@@ -229,9 +230,22 @@ def release_memory_after_bursts(server: ProxyServer, stopping: Event) -> None:
             peak = connections
 
 
+def freeze_startup_objects() -> None:
+    """Keep the ~45k objects of the loaded app out of every later full garbage collection.
+
+    A full (generation 2) collection walks every tracked object: ~15 ms here,
+    during which no stream moves, and a burst of new streams triggers one.
+    What exists once the app is built (modules, config, Flask app) lives as
+    long as the process, so it is moved to the permanent generation.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def serve(server: ProxyServer, on_stop=None) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and let in-flight responses finish."""
     return_large_buffers_to_the_os()
+    freeze_startup_objects()
     stopping = Event()
     gevent.spawn(release_memory_after_bursts, server, stopping)
 
