@@ -443,17 +443,41 @@ def _as_mapping(headers: list[tuple[str, str]]) -> dict[str, str]:
     return merged
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what caused it, outermost first.
+
+    requests wraps urllib3's errors in ``args[0]``, urllib3 keeps the cause
+    in ``.reason`` or ``__cause__``, and the socket error sits at the bottom.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 10:
+        chain.append(current)
+        reason = getattr(current, "reason", None)
+        first_arg = current.args[0] if current.args else None
+        current = next((c for c in (reason, first_arg, current.__cause__, current.__context__)
+                        if isinstance(c, BaseException)), None)
+    return chain
+
+
 def describe_error(exc: BaseException) -> str:
-    """A short, key-free description of a network error for the log."""
-    seen = exc
-    while seen.__cause__ is not None or getattr(seen, "reason", None) is not None:
-        nxt = seen.__cause__ or getattr(seen, "reason", None)
-        if not isinstance(nxt, BaseException) or nxt is seen:
-            break
-        seen = nxt
-    text = str(seen) or type(seen).__name__
-    # urllib3 messages embed object reprs; keep the human part.
-    if ">: " in text:
+    """A short description of a network error for the log: the socket-level cause when there is one.
+
+    e.g. "Connection refused", "cannot resolve host (Name or service not
+    known)", "timed out". urllib3's own messages repeat the URL (query
+    included) and object reprs; the innermost cause says what happened.
+    """
+    chain = _causes(exc)
+    for error in reversed(chain):
+        if isinstance(error, urllib3.exceptions.NameResolutionError) or type(error).__name__ == "gaierror":
+            detail = getattr(error.__cause__, "strerror", None) or getattr(error, "strerror", None)
+            return f"cannot resolve host ({detail})" if detail else "cannot resolve host"
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+        if isinstance(error, TimeoutError):
+            return "timed out"
+    text = str(chain[-1]) or type(chain[-1]).__name__
+    if ">: " in text:  # urllib3 messages embed object reprs; keep the human part
         text = text.split(">: ", 1)[1]
     return text.strip("()'\" ")[:200]
 

@@ -172,3 +172,17 @@ def test_bodyless_responses_commit_with_no_first_bytes(method, status):
     assert ready.status == status
     assert ready.first == b""
     ready.close()
+
+
+def test_network_error_reasons_name_the_socket_level_cause_not_the_url():
+    """A failover log line says what happened ("Connection refused"), not urllib3's
+    retry message, which repeats the URL and its query (where a provider key may sit)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]  # bound, never listening: connections are refused
+        url = f"http://127.0.0.1:{closed_port}/v1/responses?key=sk-provider-secret-123456"
+        with pytest.raises(forward.AttemptFailed) as failure:
+            forward.send(forward.new_session(), request(url=url), b"{}", 5.0)
+    assert failure.value.verdict.reason == "connection failed: Connection refused"
