@@ -290,8 +290,7 @@ _proxy_cache: dict[str, dict[str, str]] = {}
 
 def proxies_for(url: str) -> dict[str, str]:
     """HTTP(S)_PROXY / NO_PROXY for this URL's origin, looked up once per origin."""
-    origin = url.split("/", 3)
-    key = "/".join(origin[:3])
+    key = _origin(url)
     if key not in _proxy_cache:
         _proxy_cache[key] = requests.utils.get_environ_proxies(key) or {}
     return _proxy_cache[key]
