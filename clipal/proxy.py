@@ -146,11 +146,15 @@ def _remember_client_credentials(headers: list[tuple[str, str]], query: str) -> 
 
 
 def _duration_text(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
+    """Go-style text for log lines: ``1h0m``, ``2m30s``, ``45s``, ``500ms``."""
+    millis = round(seconds * 1000)
+    if 0 < millis < 1000:
+        return f"{millis}ms"
+    whole = int(round(seconds))
+    hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
-    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs or not (hours or minutes) else "")
-    return text
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + \
+        (f"{secs}s" if secs or not (hours or minutes) else "")
 
 
 # --- the request ------------------------------------------------------------------
