@@ -287,6 +287,17 @@ def smoke(t: Target) -> None:
         t.notes["x_clipal_provider"] = headers.get("x-clipal-provider")
 
 
+def ready_or_stopped(t: Target, errlog: Path | None) -> Target:
+    """Wait until a proxy target is healthy and answers the smoke request; stop it if it never does."""
+    try:
+        wait_health(t.port, "/health", t.proc, 15.0, errlog)
+        smoke(t)
+    except NotRunnable:
+        PROCS.stop(t.proc)
+        raise
+    return t
+
+
 def start_clipal(args, up_port: int, out: Path, tmp_root: Path) -> Target:
     cfg = Path(tempfile.mkdtemp(prefix="clipal-bench-", dir=tmp_root))
     (cfg / "codex.yaml").write_text(
@@ -319,13 +330,7 @@ def start_clipal(args, up_port: int, out: Path, tmp_root: Path) -> Target:
         log.close()
     t = Target("CLIPAL", port, "/codex", proc)
     t.notes.update(command=" ".join(shlex.quote(c) for c in cmd), config_dir=str(cfg), log=str(errlog))
-    try:
-        wait_health(port, "/health", proc, 15.0, errlog)
-        smoke(t)
-    except NotRunnable:
-        PROCS.stop(proc)
-        raise
-    return t
+    return ready_or_stopped(t, errlog)
 
 
 def nginx_conf(port: int, up_port: int, prefix: Path, out: Path) -> str:
@@ -394,13 +399,7 @@ def start_nginx(args, up_port: int, out: Path) -> Target:
         log.close()
     t = Target("NGINX", port, "", proc)
     t.notes.update(command=" ".join(cmd), conf=str(conf), worker_processes=NGINX_WORKERS)
-    try:
-        wait_health(port, "/health", proc, 15.0, errlog)
-        smoke(t)
-    except NotRunnable:
-        PROCS.stop(proc)
-        raise
-    return t
+    return ready_or_stopped(t, errlog)
 
 
 def start_upstream(args, out: Path) -> tuple[subprocess.Popen, int]:

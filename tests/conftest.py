@@ -36,6 +36,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def terminate(proc: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM a server we started, give it ``timeout`` to exit cleanly, then kill it; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def provider(name: str, upstream: FakeUpstream | str, key: str | None = None, **extra: Any) -> dict:
     """A provider entry for a client YAML file."""
     url = upstream if isinstance(upstream, str) else upstream.url
@@ -100,15 +112,9 @@ class ClipalProcess:
         raise AssertionError(f"{text!r} not in clipal output within {timeout}s:\n{self.output()}")
 
     def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        returncode = terminate(self.proc, timeout)
         self._out.close()
-        return self.proc.returncode
+        return returncode
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import requests
 
-from conftest import free_port, provider, write_config
+from conftest import free_port, provider, terminate, write_config
 from fakeupstream import FakeUpstream, Reply
 
 pytest.importorskip("gunicorn")
@@ -116,15 +116,9 @@ class Gunicorn:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        returncode = terminate(self.proc, timeout)
         self._out.close()
-        return self.proc.returncode
+        return returncode
 
 
 @pytest.fixture
