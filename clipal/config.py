@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .clients import CLIENTS, ClientKind
+from .clients import CLIENTS
 
 CONFIG_FILE = "config.yaml"
 
@@ -364,7 +364,3 @@ def config_files(config_dir: Path) -> list[Path]:
 def active_providers(providers: tuple[Provider, ...]) -> tuple[Provider, ...]:
     """Enabled providers by priority; ties keep file order (sorted() is stable)."""
     return tuple(sorted((p for p in providers if p.enabled), key=lambda p: p.priority))
-
-
-def client_for(name: str) -> ClientKind:
-    return next(c for c in CLIENTS if c.name == name)
