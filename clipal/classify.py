@@ -68,6 +68,7 @@ __all__ = [
     "RETURN",
     "classify_response",
     "classify_sse_error",
+    "provider_failure",
     "retry_hint",
 ]
 
@@ -97,6 +98,14 @@ class Verdict:
 
 MAX_COOLDOWN = 3600.0
 RETURN = Verdict(False, None, False, None, "")
+
+
+def provider_failure(reason: str, kind: Kind = Kind.SERVER_ERROR) -> Verdict:
+    """A failure clipal saw itself (network error, stall, broken stream): try next, no cooldown.
+
+    ``reason`` is clipal's own text (no upstream body), like every verdict's.
+    """
+    return Verdict(failover=True, kind=kind, deactivate=False, cooldown=None, reason=reason)
 
 # Bounds against hostile or broken upstreams: at most this much input is
 # looked at, and a gzip body never inflates beyond it (gzip bombs).

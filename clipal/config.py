@@ -129,6 +129,23 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+def format_duration(seconds: float) -> str:
+    """Go-style text for log lines and messages: ``1h0m``, ``2m30s``, ``45s``, ``500ms``.
+
+    The inverse of :func:`parse_duration` for what clipal prints: whole
+    seconds, or milliseconds below one second.
+    """
+    millis = round(seconds * 1000)
+    if 0 < millis < 1000:
+        return f"{millis}ms"
+    whole = int(round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:  # "1h", "1h30m", "1h0m5s": minutes are spelled out when seconds follow
+        return f"{hours}h" + (f"{minutes}m" if minutes or secs else "") + (f"{secs}s" if secs else "")
+    return (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs or not minutes else "")
+
+
 # --- field checkers -----------------------------------------------------------
 # Each takes the raw YAML value and returns the typed value or raises ValueError
 # with a message that completes "<field> ...".

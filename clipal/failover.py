@@ -13,18 +13,22 @@ it started with and never sees half a configuration.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
 from .classify import Kind, Verdict
-from .config import Provider, active_providers
+from .config import Provider, active_providers, format_duration
 
 #: The main conversation's lane, and the separate one count_tokens may use (SPEC §4.6).
 MAIN = "main"
 COUNT_TOKENS = "count_tokens"
 
 Clock = Callable[[], float]
+
+#: clipal's own Retry-After never asks a client to wait longer than this (seconds).
+MAX_RETRY_AFTER = 60
 
 
 @dataclass(frozen=True)
@@ -148,10 +152,17 @@ class ProviderPool:
             # Something failed without an outage: it may work on a retry.
             return Unavailable(503, 1, "all providers failed")
         soonest = min((o for o in outages if o is not None), key=lambda o: o.until)
-        wait = max(0, int(soonest.until - now)) + 1
+        left = max(0.0, soonest.until - now)
+        wait = int(left) + 1
+        # The message keeps the real wait; the header is capped, because an
+        # agent gives up on (Claude Code) or sleeps through (Codex) a long
+        # Retry-After, while asking clipal again is cheap and a reload may
+        # have fixed things meanwhile.
+        retry_after = min(wait, MAX_RETRY_AFTER)
         if soonest.kind in (Kind.RATE_LIMIT, Kind.OVERLOADED):
-            return Unavailable(429, wait, f"all providers are rate-limited or overloaded; retry in {wait}s")
-        return Unavailable(503, wait, f"no provider available; retry in {wait}s")
+            return Unavailable(429, retry_after,
+                               f"all providers are rate-limited or overloaded; retry in {format_duration(math.ceil(left))}")
+        return Unavailable(503, retry_after, f"no provider available; retry in {format_duration(math.ceil(left))}")
 
 
 class FailoverState:

@@ -35,7 +35,9 @@ from urllib3.util.connection import allowed_gai_family
 from urllib3.util.timeout import _DEFAULT_TIMEOUT
 
 from . import headerparse
-from .classify import FAILOVER_STATUSES, Kind, Verdict, classify_response, classify_sse_error
+from .classify import (FAILOVER_STATUSES, Kind, Verdict, classify_response, classify_sse_error,
+                       provider_failure)
+from .config import format_duration
 from .outbound import UpstreamRequest, end_to_end
 
 #: Largest read handed to the client at once; smaller reads return as soon as bytes arrive.
@@ -63,7 +65,7 @@ class UpstreamIdle(Exception):
 
 
 def _network_failure(reason: str, kind: Kind = Kind.SERVER_ERROR) -> AttemptFailed:
-    return AttemptFailed(Verdict(failover=True, kind=kind, deactivate=False, cooldown=None, reason=reason))
+    return AttemptFailed(provider_failure(reason, kind))
 
 
 # --- the transport: requests' adapter, minus per-request work a proxy does not need ---
@@ -311,6 +313,11 @@ class Ready:
 
 
 def _bounded(timeout: float) -> gevent.Timeout:
+    """One wait on the upstream, bounded by the idle timeout (``0``: no limit).
+
+    Always a new Timeout: one cancelled and started again would resume with
+    the time it had left, not the whole timeout.
+    """
     return gevent.Timeout(timeout or None, UpstreamIdle)
 
 
@@ -359,7 +366,7 @@ def send(session: requests.Session, request: UpstreamRequest, body: bytes, idle_
             response = adapter.send(prepared, stream=True, timeout=(connect, None),
                                     proxies=proxies_for(request.url))
     except UpstreamIdle:
-        raise _network_failure(f"no response headers within {_seconds(idle_timeout)}", Kind.TIMEOUT) from None
+        raise _network_failure(f"no response headers within {format_duration(idle_timeout)}", Kind.TIMEOUT) from None
     except requests.exceptions.ConnectTimeout:
         raise _network_failure("connect timeout") from None
     except requests.exceptions.ConnectionError as exc:
@@ -393,7 +400,7 @@ def _to_commit_point(method: str, response: requests.Response, idle_timeout: flo
         else:
             first = _read_some(response, idle_timeout)
     except UpstreamIdle:
-        raise _network_failure(f"no body bytes within {_seconds(idle_timeout)} (HTTP {status})", Kind.TIMEOUT) from None
+        raise _network_failure(f"no body bytes within {format_duration(idle_timeout)} (HTTP {status})", Kind.TIMEOUT) from None
     except (requests.exceptions.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
         raise _network_failure(f"connection broke before the body (HTTP {status}): {describe_error(exc)}") from None
 
@@ -410,22 +417,18 @@ def stream_rest(ready: Ready, idle_timeout: float) -> Iterator[bytes]:
     """
     response = ready.response
     read1 = response.raw.read1
-    # One timer for the whole stream, re-armed for each read: a new
-    # gevent.Timeout per read allocates a timer watcher every time.
-    timer = gevent.Timeout(idle_timeout or None, UpstreamIdle)
-    try:
-        while True:
-            timer.start()
-            try:
-                data = read1(READ_SIZE, decode_content=False)
-            finally:
-                timer.cancel()
-            if not data:
-                response.raw.release_conn()
-                return
-            yield data
-    finally:
-        timer.close()
+    while True:
+        # A fresh timer for every read: the idle timeout bounds each wait,
+        # never the whole stream. A gevent Timeout that is cancelled and
+        # started again does not restart its clock: libev keeps only what was
+        # left of it, so a re-armed timer cut every stream at one timeout
+        # after its start, however steadily the upstream was sending.
+        with _bounded(idle_timeout):
+            data = read1(READ_SIZE, decode_content=False)
+        if not data:
+            response.raw.release_conn()
+            return
+        yield data
 
 
 def _as_mapping(headers: list[tuple[str, str]]) -> dict[str, str]:
@@ -479,7 +482,3 @@ def describe_error(exc: BaseException) -> str:
     if ">: " in text:  # urllib3 messages embed object reprs; keep the human part
         text = text.split(">: ", 1)[1]
     return text.strip("()'\" ")[:200]
-
-
-def _seconds(value: float) -> str:
-    return f"{value:g}s"

@@ -19,8 +19,9 @@ from flask import Response
 
 from . import forward
 from .clientwatch import ClientGone, ClientWatch, client_socket
+from .classify import Kind, provider_failure
 from .clients import ClientKind
-from .config import Config, Provider
+from .config import Config, Provider, format_duration
 from .failover import FailoverState, ProviderPool
 from .logs import add_secret, get_logger
 from .outbound import CREDENTIAL_HEADERS, build_upstream_request
@@ -145,18 +146,6 @@ def _remember_client_credentials(headers: list[tuple[str, str]], query: str) -> 
             add_secret(value)
 
 
-def _duration_text(seconds: float) -> str:
-    """Go-style text for log lines: ``1h0m``, ``2m30s``, ``45s``, ``500ms``."""
-    millis = round(seconds * 1000)
-    if 0 < millis < 1000:
-        return f"{millis}ms"
-    whole = int(round(seconds))
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + \
-        (f"{secs}s" if secs or not (hours or minutes) else "")
-
-
 # --- the request ------------------------------------------------------------------
 
 
@@ -173,6 +162,16 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session) -> Res
     method = environ["REQUEST_METHOD"]
     subpath = raw_subpath(environ, client.prefix)
     query = environ.get("QUERY_STRING", "")
+
+    if "websocket" in environ.get("HTTP_UPGRADE", "").lower():
+        # Codex tries Responses-over-WebSocket first and falls back to plain
+        # HTTP at once on a 426; any other answer ends its run or costs it
+        # seconds. clipal relays HTTP only.
+        log.info("WebSocket upgrade for %s answered 426 (clipal relays plain HTTP; the client falls back to it)",
+                 subpath or "/")
+        refusal = error_response(client, 426, "clipal does not relay WebSocket connections; use HTTP")
+        refusal.headers["Connection"] = "close"
+        return refusal
 
     try:
         body = read_body(environ, settings.max_request_body_bytes)
@@ -213,7 +212,7 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session) -> Res
                 _record_failure(log, pool, provider, failure, lane)
                 continue
             pool.succeeded(provider, lane)
-            streaming = _Relay(client, provider, ready, watch, settings.upstream_idle_timeout)
+            streaming = _Relay(client, provider, ready, watch, settings.upstream_idle_timeout, pool, lane)
             watch = None  # the relay owns it now
             return streaming
     except ClientGone:
@@ -234,10 +233,10 @@ def _record_failure(log, pool: ProviderPool, provider: Provider, failure: forwar
     outage = pool.failed(provider, verdict, lane)
     if verdict.deactivate and outage is not None:
         log.error("provider %s deactivated for %s: %s", provider.name,
-                  _duration_text(pool.reactivate_after), verdict.reason)
+                  format_duration(pool.reactivate_after), verdict.reason)
     elif outage is not None and verdict.cooldown:
         log.warning("provider %s failed: %s; cooling down for %s; trying next", provider.name, verdict.reason,
-                    _duration_text(verdict.cooldown))
+                    format_duration(verdict.cooldown))
     else:
         log.warning("provider %s failed: %s; trying next", provider.name, verdict.reason)
 
@@ -255,12 +254,27 @@ class _Relay:
     """
 
     def __init__(self, client: ClientKind, provider: Provider, ready: forward.Ready,
-                 watch: ClientWatch, idle_timeout: float) -> None:
+                 watch: ClientWatch, idle_timeout: float, pool: ProviderPool, lane: str) -> None:
         self.client = client
         self.provider = provider
         self.ready = ready
         self.watch = watch
         self.idle_timeout = idle_timeout
+        self.pool = pool
+        self.lane = lane
+
+    def _failed(self, reason: str, kind: Kind) -> str:
+        """A stall or break after the commit point: the provider failed, as a failed attempt does.
+
+        clipal cannot retry (bytes went out), but the client's next request
+        - the agent retrying the turn - must not go back to the provider that
+        just broke. Returns the log line's tail naming where that goes.
+        """
+        self.pool.failed(self.provider, provider_failure(reason, kind), self.lane)
+        following = self.pool.current(self.lane)
+        if following is None or following.name == self.provider.name:
+            return "response to the client ended incomplete"
+        return f"response to the client ended incomplete; next request starts at {following.name}"
 
     def _headers(self) -> list[tuple[str, str]]:
         headers = [(k, v) for k, v in self.ready.headers if k.lower() != "x-clipal-provider"]
@@ -307,12 +321,12 @@ class _Relay:
         except ClientGone:
             log.info("client disconnected during the response from %s after %d bytes", self.provider.name, sent)
         except forward.UpstreamIdle:
-            log.warning("upstream %s stalled for %s after %d bytes; response to the client ended incomplete",
-                        self.provider.name, _duration_text(self.idle_timeout), sent)
+            stalled = f"stalled for {format_duration(self.idle_timeout)} after {sent} bytes"
+            log.warning("upstream %s %s; %s", self.provider.name, stalled, self._failed(stalled, Kind.TIMEOUT))
             raise StreamAborted("upstream stalled") from None
         except Exception as exc:  # any break in the upstream stream: the client must see it as broken
-            log.warning("upstream %s broke after %d bytes (%s); response to the client ended incomplete",
-                        self.provider.name, sent, forward.describe_error(exc))
+            broke = f"broke after {sent} bytes ({forward.describe_error(exc)})"
+            log.warning("upstream %s %s; %s", self.provider.name, broke, self._failed(broke, Kind.SERVER_ERROR))
             raise StreamAborted("upstream broke") from None
         finally:
             self.close()

@@ -324,7 +324,24 @@ def test_soonest_deactivated_answers_503():
     pool.failed(by_name(pool, "A"), quota())
     pool.failed(by_name(pool, "B"), rate_limited(300))
     answer = pool.unavailable()
-    assert (answer.status, answer.retry_after) == (503, 61)
+    assert (answer.status, answer.retry_after) == (503, 60)  # 61 s away: the header is capped
+    assert answer.message.endswith("retry in 1m")
+
+
+@pytest.mark.parametrize("cooldown,status,told", [(3600, 429, "retry in 1h"), (3240, 429, "retry in 54m")])
+def test_retry_after_is_capped_at_a_minute_while_the_message_says_the_real_wait(cooldown, status, told):
+    pool, _ = make_pool(p("A"), p("B"))
+    pool.failed(by_name(pool, "A"), rate_limited(cooldown))
+    pool.failed(by_name(pool, "B"), rate_limited(cooldown))
+    answer = pool.unavailable()
+    assert (answer.status, answer.retry_after) == (status, 60)
+    assert answer.message.endswith(told)
+
+
+def test_a_wait_under_a_minute_is_not_changed_by_the_cap():
+    pool, _ = make_pool(p("A"))
+    pool.failed(by_name(pool, "A"), rate_limited(58.5))
+    assert pool.unavailable().retry_after == 59
 
 
 @pytest.mark.parametrize("verdict", [server_error(20), Verdict(True, Kind.TIMEOUT, False, 20, "timeout (408)")],
@@ -351,7 +368,7 @@ def test_a_provider_both_deactivated_and_cooling_recovers_at_the_later_time():
     clock.advance(10)
     assert pool.expire() == ["A"]
     assert names(pool) == []  # still cooling
-    assert (pool.unavailable().status, pool.unavailable().retry_after) == (429, 91)
+    assert (pool.unavailable().status, pool.unavailable().retry_after) == (429, 60)  # 91 s, capped
 
 
 def test_every_attempt_failed_without_cooldowns_answers_503_retry_after_1():

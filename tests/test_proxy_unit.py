@@ -1,14 +1,14 @@
-"""Small pure helpers of clipal.proxy."""
+"""The one duration formatter, used by every log line and message."""
 
 import pytest
 
-from clipal.proxy import _duration_text
+from clipal.config import format_duration
 
 
 @pytest.mark.parametrize("seconds,text", [
     (0, "0s"), (0.3, "300ms"), (0.9996, "1s"), (1, "1s"), (45, "45s"),
-    (150, "2m30s"), (3600, "1h"), (5400, "1h30m"), (3661, "1h1m1s"),
+    (150, "2m30s"), (3600, "1h"), (5400, "1h30m"), (3661, "1h1m1s"), (3601, "1h0m1s"),
 ])
 def test_durations_in_log_lines_read_like_the_config(seconds, text):
     # A sub-second reactivate_after must not be logged as "deactivated for 0s".
-    assert _duration_text(seconds) == text
+    assert format_duration(seconds) == text
