@@ -109,7 +109,9 @@ class _ProxyDispatch:
 
     def __call__(self, environ: dict, start_response):
         try:
-            endpoint, _ = self.url_map.bind_to_environ(environ).match()
+            # websocket=False: an upgrade request is routed like any other, so
+            # the client's proxy answers it (426) instead of werkzeug's HTML 400.
+            endpoint, _ = self.url_map.bind_to_environ(environ).match(websocket=False)
         except HTTPException:  # 404, 405: Flask answers with its error handlers
             endpoint = None
         client = self.clients.get(endpoint)
