@@ -370,7 +370,7 @@ def send(session: requests.Session, request: UpstreamRequest, body: bytes, idle_
     except requests.exceptions.ConnectTimeout:
         raise _network_failure("connect timeout") from None
     except requests.exceptions.ConnectionError as exc:
-        raise _network_failure(f"connection failed: {describe_error(exc)}") from None
+        raise _network_failure(_refused_head(exc) or f"connection failed: {describe_error(exc)}") from None
     except requests.exceptions.RequestException as exc:
         raise _network_failure(f"request failed: {describe_error(exc)}") from None
 
@@ -460,6 +460,18 @@ def _causes(exc: BaseException) -> list[BaseException]:
         current = next((c for c in (reason, first_arg, current.__cause__, current.__context__)
                         if isinstance(c, BaseException)), None)
     return chain
+
+
+def _refused_head(exc: BaseException) -> str | None:
+    """headerparse's reason for refusing the response head, if that is what ``exc`` comes from.
+
+    urllib3 and requests wrap it as a ConnectionError; its message names the
+    rule broken, never a header value.
+    """
+    for error in _causes(exc):
+        if isinstance(error, headerparse.MalformedHeaderBlock):
+            return str(error)
+    return None
 
 
 def describe_error(exc: BaseException) -> str:

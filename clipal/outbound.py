@@ -58,8 +58,17 @@ def hop_by_hop_names(headers: Headers) -> set[str]:
 
 
 def end_to_end(headers: Headers) -> Headers:
-    """``headers`` without hop-by-hop ones; used for requests and responses alike."""
+    """The headers of an upstream response that go on to the client.
+
+    Hop-by-hop headers go, and so does a Content-Length beside a
+    Transfer-Encoding: the body was read by the transfer coding and clipal's
+    server frames what it relays itself, so that length is not the length
+    the client gets. Passed on, it would let a kept-alive client take the
+    rest of the body for the next response.
+    """
     drop = hop_by_hop_names(headers)
+    if any(name.lower() == "transfer-encoding" for name, _ in headers):
+        drop.add("content-length")
     return [(name, value) for name, value in headers if name.lower() not in drop]
 
 

@@ -129,6 +129,14 @@ def test_end_to_end_drops_hop_by_hop_response_headers_too():
     assert {"x-hop", "connection", "te", "upgrade"} <= hop_by_hop_names(headers)
 
 
+@pytest.mark.parametrize("coding", ["chunked", "gzip, chunked", "Chunked"])
+def test_end_to_end_drops_a_content_length_beside_a_transfer_encoding(coding):
+    headers = [("Content-Type", "text/plain"), ("content-length", "5"), ("Transfer-Encoding", coding)]
+    assert end_to_end(headers) == [("Content-Type", "text/plain")]
+    assert end_to_end([("Content-Type", "text/plain"), ("Content-Length", "5")]) == [
+        ("Content-Type", "text/plain"), ("Content-Length", "5")]
+
+
 def test_host_is_replaced_and_x_forwarded_headers_are_set():
     request = build([("Host", "localhost:3333"), ("Content-Type", "application/json")],
                     remote_addr="10.1.2.3", scheme="http")
