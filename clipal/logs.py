@@ -9,10 +9,7 @@ local midnight while running, and files older than the retention period are prun
 at start and at each day change.
 
 No API key may ever reach a log line, whoever wrote the message: the formatter
-redacts the final text (message, traceback and all) against the provider keys from
-the config, the client credentials seen at runtime, and patterns for things that
-merely look like keys. ``redact`` exposes the same rules for error bodies that are
-forwarded to clients or quoted in messages.
+redacts the final text (message, traceback and all) with :mod:`clipal.redact`.
 
 Only the standard library is used, and nothing here touches sockets, so importing it
 before gevent's monkey-patching is harmless.
@@ -20,33 +17,28 @@ before gevent's monkey-patching is harmless.
 
 from __future__ import annotations
 
-import collections
-import json
 import logging
 import os
 import re
 import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from .redact import REDACTOR, Redactor
+
 __all__ = [
     "LOGGER_NAME",
     "ClipalFormatter",
     "DailyFileHandler",
-    "Redactor",
-    "add_secret",
     "configure_logging",
     "get_logger",
     "log_file_name",
     "parse_level",
     "prune_old_logs",
-    "redact",
-    "set_secrets",
     "warn_if_readable_by_others",
 ]
 
@@ -69,147 +61,6 @@ def parse_level(name: str) -> int:
         raise ValueError(
             f"unknown log level {name!r}; expected one of debug, info, warn, error"
         ) from None
-
-
-# ---------------------------------------------------------------------------
-# Redaction
-# ---------------------------------------------------------------------------
-
-REDACTED = "[redacted]"
-
-# Secrets shorter than this are too likely to occur in ordinary text ("test", "dummy")
-# to be replaced wherever they appear; the patterns below still catch them after
-# "Bearer " or "key=".
-_MIN_EXACT_LEN = 8
-# Below this length even a 4-character prefix is a large share of the secret.
-_MIN_PREFIX_LEN = 16
-_PREFIX_LEN = 4
-
-# Things that look like credentials even when clipal has never seen them. Prefix
-# groups keep the label ("Bearer ", "x-api-key: ", "key=") and mask only the value.
-# The bare token shapes are case-sensitive: "AIza" and "sk-" are exact prefixes.
-_PATTERNS = re.compile(
-    r"""
-      (?P<bearer>\bBearer\s+)(?P<bearer_val>[^\s"',;]+)
-    | (?P<named>(?<![\w-])
-         (?:x-goog-api-key|x-api-key|api[-_]?key|access[-_]?token|auth[-_]?token
-           |client[-_]?secret|refresh[-_]?token)
-         ["']?\s*[:=]\s*["']?)
-      (?P<named_val>[^\s"'&,;<>(){}\[\]]+(?:\[redacted\])?)
-    | (?P<query>(?<![\w-])key=)(?P<query_val>[^\s"'&,;#<>]+(?:\[redacted\])?)
-    | (?P<token>(?-i:
-           (?<![\w-])sk-[A-Za-z0-9_\-]{20,}                   # OpenAI, Anthropic, OpenRouter...
-         | (?<![\w-])AIza[A-Za-z0-9_\-]{30,}                  # Google API keys
-         | (?<![\w-])ya29\.[A-Za-z0-9_\-]{20,}                # Google OAuth access tokens
-         | (?<![\w-])eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}  # JWTs
-      ))
-    """,
-    re.IGNORECASE | re.VERBOSE,
-)
-# Every match of _PATTERNS contains one of these. Checking for them with `in` costs
-# well under a microsecond, while the alternation above, which defeats the regex
-# engine's first-character scan, costs about 15 us on a typical line that has none.
-_TRIGGERS_ANY_CASE = ("bearer", "key", "token", "secret")
-_TRIGGERS_EXACT_CASE = ("sk-", "AIza", "ya29.", "eyJ")
-
-
-def _may_hold_pattern(text: str) -> bool:
-    if any(trigger in text for trigger in _TRIGGERS_EXACT_CASE):
-        return True
-    lowered = text.lower()
-    return any(trigger in lowered for trigger in _TRIGGERS_ANY_CASE)
-
-
-def _mask(secret: str) -> str:
-    """Show at most the first 4 characters of a long secret, nothing of a short one."""
-    if len(secret) >= _MIN_PREFIX_LEN:
-        return secret[:_PREFIX_LEN] + "..." + REDACTED
-    return REDACTED
-
-
-def _mask_pattern(match: re.Match[str]) -> str:
-    token = match.group("token")
-    if token is not None:
-        return _mask(token)
-    for label, value in (("bearer", "bearer_val"), ("named", "named_val"), ("query", "query_val")):
-        if match.group(label) is not None:
-            secret = match.group(value)
-            # Already masked (by the exact pass or an earlier redact call): keep as is,
-            # so redact() is idempotent and "Bearer sk-a...[redacted]" stays readable.
-            if REDACTED in secret:
-                return match.group(0)
-            return match.group(label) + _mask(secret)
-    return match.group(0)  # unreachable: every alternative has a named group
-
-
-def _spellings(secret: str) -> set[str]:
-    """The forms a secret takes when echoed raw, URL-encoded or inside a JSON string."""
-    forms = {secret, urllib.parse.quote(secret, safe=""), json.dumps(secret)[1:-1]}
-    return {form for form in forms if len(form) >= _MIN_EXACT_LEN}
-
-
-class Redactor:
-    """Masks known secrets and key-shaped strings in text.
-
-    Known secrets are matched with one compiled alternation of literals, which the
-    regex engine scans by first character: well under a microsecond per line even
-    with hundreds of secrets. It is rebuilt only when the set changes, which costs
-    a few milliseconds at the 256-credential bound and happens once per distinct
-    credential. The compiled regex is swapped in as a single reference, so readers
-    need no lock; writers serialise on ``_lock``. ``threading.Lock`` is
-    cooperative once gevent has patched it, and uncontended otherwise.
-    """
-
-    def __init__(self, *, runtime_limit: int = 256) -> None:
-        self._lock = threading.Lock()
-        self._known: frozenset[str] = frozenset()
-        # Client credentials, oldest first; bounded so a stream of distinct bogus
-        # credentials cannot grow memory or the regex without limit.
-        self._runtime: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._runtime_limit = runtime_limit
-        self._exact: re.Pattern[str] | None = None
-
-    def set_known(self, secrets: Iterable[str]) -> None:
-        """Replace the provider keys (done on every config load)."""
-        known = frozenset(s.strip() for s in secrets if s and s.strip())
-        with self._lock:
-            if known != self._known:
-                self._known = known
-                self._rebuild()
-
-    def add(self, secret: str) -> None:
-        """Remember a credential seen at runtime; cheap when it is already known."""
-        secret = (secret or "").strip()
-        if len(secret) < _MIN_EXACT_LEN or secret in self._known:
-            return
-        with self._lock:
-            if secret in self._runtime:
-                self._runtime.move_to_end(secret)
-                return
-            self._runtime[secret] = None
-            while len(self._runtime) > self._runtime_limit:
-                self._runtime.popitem(last=False)
-            self._rebuild()
-
-    def redact(self, text: str) -> str:
-        """Return ``text`` with every known or key-shaped secret masked."""
-        exact = self._exact
-        if exact is not None:
-            text = exact.sub(lambda m: _mask(m.group(0)), text)
-        if not _may_hold_pattern(text):
-            return text
-        return _PATTERNS.sub(_mask_pattern, text)
-
-    def _rebuild(self) -> None:
-        forms: set[str] = set()
-        for secret in (*self._known, *self._runtime):
-            forms |= _spellings(secret)
-        if not forms:
-            self._exact = None
-            return
-        # Longest first, so a key that contains another known key is masked whole.
-        ordered = sorted(forms, key=lambda s: (-len(s), s))
-        self._exact = re.compile("|".join(map(re.escape, ordered)))
 
 
 # ---------------------------------------------------------------------------
@@ -297,7 +148,7 @@ class _QuietHandler(logging.Handler):
         self._error_reported = True
         error = sys.exc_info()[1]
         _report(
-            f"writing log lines to {self.describe()} failed ({redact(repr(error))}); "
+            f"writing log lines to {self.describe()} failed ({REDACTOR.redact(repr(error))}); "
             "further errors there are not reported"
         )
 
@@ -479,8 +330,7 @@ class DailyFileHandler(_QuietHandler):
 # Module-level setup: the one logger, redactor and formatter of the process
 # ---------------------------------------------------------------------------
 
-_redactor = Redactor()
-_formatter = ClipalFormatter(_redactor)
+_formatter = ClipalFormatter(REDACTOR)
 _logger = logging.getLogger(LOGGER_NAME)
 # Libraries (werkzeug, gevent) may install root handlers; clipal's lines must not
 # be printed twice, nor pass through formatters that do not redact.
@@ -536,7 +386,7 @@ def configure_logging(
         raise ValueError(f"log retention must be 0 (keep all) or more days, not {retention_days}")
     log_dir = Path(os.path.abspath(Path(log_dir).expanduser()))
     with _configure_lock:
-        _redactor.set_known(secrets)
+        REDACTOR.set_known(secrets)
         current = _owned_handlers()
         # Keep the open file when the directory is unchanged; a handler whose file
         # could not be opened, or was deleted since, is replaced, so a reload retries
@@ -562,21 +412,6 @@ def configure_logging(
         for handler in current:
             if handler not in new:
                 handler.close()
-
-
-def set_secrets(secrets: Iterable[str]) -> None:
-    """Replace the known provider keys."""
-    _redactor.set_known(secrets)
-
-
-def add_secret(secret: str) -> None:
-    """Remember a client credential seen at runtime (the last 256 are kept)."""
-    _redactor.add(secret)
-
-
-def redact(text: str) -> str:
-    """The log redaction, for error bodies quoted in messages or forwarded."""
-    return _redactor.redact(text)
 
 
 def warn_if_readable_by_others(path: Path) -> None:

@@ -23,7 +23,8 @@ from .classify import Kind, provider_failure
 from .clients import ClientKind
 from .config import Config, Provider, format_duration
 from .failover import FailoverState, ProviderPool
-from .logs import add_secret, get_logger
+from .logs import get_logger
+from .redact import add_secret
 from .outbound import CREDENTIAL_HEADERS, build_upstream_request
 
 _COUNT_TOKENS_PATH = "/v1/messages/count_tokens"

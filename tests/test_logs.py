@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from clipal import logs
+from clipal import logs, redact
 
 ANTHROPIC_KEY = "sk-ant-api03-" + "Zx9" * 30 + "-AbCdEfGh"
 OPENROUTER_KEY = "sk-or-v1-" + "0123456789abcdef" * 4
@@ -37,8 +37,9 @@ def _record(msg: str, created: float, level: int = logging.INFO, **extra: object
 @pytest.fixture(autouse=True)
 def isolated_logging(monkeypatch):
     """Give each test fresh secrets and warnings; restore the clipal logger after."""
-    redactor = logs.Redactor()
-    monkeypatch.setattr(logs, "_redactor", redactor)
+    redactor = redact.Redactor()
+    monkeypatch.setattr(redact, "REDACTOR", redactor)
+    monkeypatch.setattr(logs, "REDACTOR", redactor)
     monkeypatch.setattr(logs._formatter, "_redactor", redactor)
     monkeypatch.setattr(logs, "_warned_paths", set())
     logger = logging.getLogger(logs.LOGGER_NAME)
@@ -67,7 +68,7 @@ def _file_text(log_dir: Path) -> str:
 
 
 def test_exact_line_with_and_without_client_tag():
-    formatter = logs.ClipalFormatter(logs.Redactor())
+    formatter = logs.ClipalFormatter(redact.Redactor())
     created = _ts(2024, 1, 1, 12, 0, 0)
     tagged = _record("request completed via openrouter", created, client="claudecode")
     plain = _record("clipal started", created)
@@ -86,14 +87,14 @@ def test_exact_line_with_and_without_client_tag():
     ],
 )
 def test_level_tags_share_one_width(level, prefix):
-    formatter = logs.ClipalFormatter(logs.Redactor())
+    formatter = logs.ClipalFormatter(redact.Redactor())
     line = formatter.format(_record("m", _ts(2024, 5, 6, 7, 8, 9), level))
     assert line == f"{prefix}2024-05-06 07:08:09 m"
     assert len(prefix) == 8
 
 
 def test_time_cache_follows_the_clock():
-    formatter = logs.ClipalFormatter(logs.Redactor())
+    formatter = logs.ClipalFormatter(redact.Redactor())
     first = formatter.format(_record("a", _ts(2024, 1, 1, 12, 0, 0, 100)))
     same_second = formatter.format(_record("b", _ts(2024, 1, 1, 12, 0, 0, 900000)))
     next_second = formatter.format(_record("c", _ts(2024, 1, 1, 12, 0, 1)))
@@ -225,7 +226,7 @@ def test_changing_log_dir_switches_files(tmp_path, capsys):
 
 def test_day_rollover_switches_files(tmp_path):
     handler = logs.DailyFileHandler(tmp_path, 0, now=lambda: _ts(2024, 1, 1, 23, 0))
-    handler.setFormatter(logs.ClipalFormatter(logs.Redactor()))
+    handler.setFormatter(logs.ClipalFormatter(redact.Redactor()))
     try:
         assert handler.path == tmp_path / "clipal-2024-01-01.log"
         handler.handle(_record("late", _ts(2024, 1, 1, 23, 59, 59)))
@@ -317,7 +318,7 @@ def test_prune_of_missing_dir_is_harmless(tmp_path):
 def test_prune_runs_at_start_and_on_rollover(tmp_path):
     _touch_logs(tmp_path, [date(2024, 1, 1), date(2024, 1, 2), date(2024, 1, 3)])
     handler = logs.DailyFileHandler(tmp_path, 1, now=lambda: _ts(2024, 1, 3, 12))
-    handler.setFormatter(logs.ClipalFormatter(logs.Redactor()))
+    handler.setFormatter(logs.ClipalFormatter(redact.Redactor()))
     try:
         names = {p.name for p in tmp_path.iterdir()}
         assert names == {"clipal-2024-01-02.log", "clipal-2024-01-03.log"}
@@ -364,7 +365,7 @@ def test_provider_secrets_are_redacted_everywhere(tmp_path, capsys):
 def test_set_secrets_replaces_the_known_keys(tmp_path, capsys):
     _configure(tmp_path, secrets=[PLAIN_PROVIDER_KEY])
     replacement = "anotherplainsecretvalue42"
-    logs.set_secrets([replacement])
+    redact.set_secrets([replacement])
     logs.get_logger().info("%s %s", PLAIN_PROVIDER_KEY, replacement)
     out = capsys.readouterr().out
     assert replacement not in out
@@ -373,7 +374,7 @@ def test_set_secrets_replaces_the_known_keys(tmp_path, capsys):
 
 def test_client_secrets_added_at_runtime(tmp_path, capsys):
     log_dir = _configure(tmp_path)
-    logs.add_secret(CLIENT_KEY)
+    redact.add_secret(CLIENT_KEY)
     logs.get_logger("codex").warning("client sent %s", CLIENT_KEY)
     out = capsys.readouterr().out
     _assert_hidden(CLIENT_KEY, out, _file_text(log_dir))
@@ -381,7 +382,7 @@ def test_client_secrets_added_at_runtime(tmp_path, capsys):
 
 def test_reload_keeps_runtime_client_secrets(tmp_path, capsys):
     _configure(tmp_path)
-    logs.add_secret(CLIENT_KEY)
+    redact.add_secret(CLIENT_KEY)
     _configure(tmp_path, secrets=[PLAIN_PROVIDER_KEY])
     logs.get_logger().info(CLIENT_KEY)
     assert CLIENT_KEY not in capsys.readouterr().out
@@ -422,7 +423,7 @@ def test_key_echoed_in_json_error_body(tmp_path, capsys):
     ],
 )
 def test_key_shaped_strings_are_redacted_without_being_known(text, secret):
-    redacted = logs.redact(text)
+    redacted = redact.redact(text)
     assert secret not in redacted
     assert "[redacted]" in redacted
 
@@ -440,48 +441,48 @@ def test_key_shaped_strings_are_redacted_without_being_known(text, secret):
     ],
 )
 def test_normal_text_is_not_mangled(text):
-    logs.set_secrets([PLAIN_PROVIDER_KEY])
-    logs.add_secret(CLIENT_KEY)
-    assert logs.redact(text) == text
+    redact.set_secrets([PLAIN_PROVIDER_KEY])
+    redact.add_secret(CLIENT_KEY)
+    assert redact.redact(text) == text
 
 
 def test_short_secrets_are_not_matched_in_plain_text():
-    logs.set_secrets(["abc", "openai"])
-    assert logs.redact("openai says abc") == "openai says abc"
-    assert logs.redact("Bearer openai") == "Bearer [redacted]"
+    redact.set_secrets(["abc", "openai"])
+    assert redact.redact("openai says abc") == "openai says abc"
+    assert redact.redact("Bearer openai") == "Bearer [redacted]"
 
 
 def test_mask_reveals_at_most_four_characters():
-    logs.set_secrets([PLAIN_PROVIDER_KEY])
-    assert logs.redact(f"k={PLAIN_PROVIDER_KEY}.") == "k=plai...[redacted]."
-    assert logs.redact(ANTHROPIC_KEY) == "sk-a...[redacted]"
-    assert logs.redact("Bearer abcdefgh12") == "Bearer [redacted]"
+    redact.set_secrets([PLAIN_PROVIDER_KEY])
+    assert redact.redact(f"k={PLAIN_PROVIDER_KEY}.") == "k=plai...[redacted]."
+    assert redact.redact(ANTHROPIC_KEY) == "sk-a...[redacted]"
+    assert redact.redact("Bearer abcdefgh12") == "Bearer [redacted]"
 
 
 def test_redact_is_idempotent():
-    logs.set_secrets([ANTHROPIC_KEY])
-    once = logs.redact(f"Authorization: Bearer {ANTHROPIC_KEY}; x-api-key: {ANTHROPIC_KEY}")
-    assert logs.redact(once) == once
+    redact.set_secrets([ANTHROPIC_KEY])
+    once = redact.redact(f"Authorization: Bearer {ANTHROPIC_KEY}; x-api-key: {ANTHROPIC_KEY}")
+    assert redact.redact(once) == once
     assert once == "Authorization: Bearer sk-a...[redacted]; x-api-key: sk-a...[redacted]"
 
 
 def test_secret_echoed_url_encoded_or_json_escaped():
     secret = 'odd/secret+with="quote'
-    logs.set_secrets([secret])
-    assert logs.redact("path=odd%2Fsecret%2Bwith%3D%22quote;") == "path=odd%...[redacted];"
-    assert logs.redact('{"k": "odd/secret+with=\\"quote"}') == '{"k": "odd/...[redacted]"}'
-    assert logs.redact(secret) == "odd/...[redacted]"
+    redact.set_secrets([secret])
+    assert redact.redact("path=odd%2Fsecret%2Bwith%3D%22quote;") == "path=odd%...[redacted];"
+    assert redact.redact('{"k": "odd/secret+with=\\"quote"}') == '{"k": "odd/...[redacted]"}'
+    assert redact.redact(secret) == "odd/...[redacted]"
 
 
 def test_longest_secret_is_masked_whole():
     short, long = "prefixsecret", "prefixsecret-and-more-of-it"
-    logs.set_secrets([short, long])
-    assert logs.redact(long) == "pref...[redacted]"
+    redact.set_secrets([short, long])
+    assert redact.redact(long) == "pref...[redacted]"
 
 
 def test_exception_tracebacks_are_redacted(tmp_path, capsys):
     log_dir = _configure(tmp_path, secrets=[PLAIN_PROVIDER_KEY])
-    logs.add_secret(CLIENT_KEY)
+    redact.add_secret(CLIENT_KEY)
     try:
         raise RuntimeError(f"upstream echoed {PLAIN_PROVIDER_KEY} and {CLIENT_KEY} and {ANTHROPIC_KEY}")
     except RuntimeError:
@@ -493,7 +494,7 @@ def test_exception_tracebacks_are_redacted(tmp_path, capsys):
 
 
 def test_runtime_secrets_are_bounded():
-    redactor = logs.Redactor(runtime_limit=2)
+    redactor = redact.Redactor(runtime_limit=2)
     for secret in ("first-secret-1", "second-secret-2", "third-secret-3"):
         redactor.add(secret)
     assert redactor.redact("first-secret-1") == "first-secret-1"
@@ -505,7 +506,7 @@ def test_runtime_secrets_are_bounded():
 
 
 def test_redaction_is_fast_enough_for_every_line():
-    redactor = logs.Redactor()
+    redactor = redact.Redactor()
     redactor.set_known(f"provider-key-{i:04d}-abcdefghijkl" for i in range(300))
     redactor.add("client-key-0000-abcdefghijkl")
     line = "[INFO]  2024-01-01 12:00:00 [claudecode] request completed via openrouter in 1234 ms"
