@@ -1,4 +1,4 @@
-"""Build the upstream request: target URL, forwarded headers and credentials (SPEC §4.1).
+"""Build the upstream request: target URL, forwarded headers and credentials.
 
 Pure functions over plain data, so the rules are unit-testable without a
 server. Header lists are ``(name, value)`` pairs in the client's order, so
@@ -19,7 +19,7 @@ HOP_BY_HOP = frozenset({
     "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
 })
 
-#: Where a client may put its own credential, in the order SPEC §4.1 checks them.
+#: Where a client may put its own credential, in the order :func:`choose_carrier` checks them.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
 CREDENTIAL_QUERY_PARAMS = ("key", "api_key")
 
@@ -95,8 +95,41 @@ def strip_query_credentials(query: str) -> tuple[str, str | None]:
     return "&".join(kept), found
 
 
+@dataclass(frozen=True)
+class ClientCredential:
+    """One credential the client sent: where (a header name or ``query``) and its value."""
+
+    carrier: str
+    value: str  # without a ``Bearer`` prefix; percent-decoded for the query
+    raw: str  # as it appeared on the wire
+
+
+def client_credentials(headers: Headers, query: str) -> list[ClientCredential]:
+    """Every client credential of a request, headers first, then the query.
+
+    The one rule for what counts as a client credential: the headers of
+    :data:`CREDENTIAL_HEADERS` (any case) and the query parameters of
+    :data:`CREDENTIAL_QUERY_PARAMS` (any case, percent-decoded: ``api%5Fkey``
+    is ``api_key``). The upstream request drops exactly these, and the
+    redactor hides exactly their values.
+    """
+    found: list[ClientCredential] = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower in CREDENTIAL_HEADERS:
+            token = value.strip()
+            if token[:7].lower() == "bearer ":
+                token = token[7:].strip()
+            found.append(ClientCredential(lower, token, value))
+    for part in query.split("&") if query else ():
+        if _query_param_name(part) in CREDENTIAL_QUERY_PARAMS:
+            raw = part.partition("=")[2]
+            found.append(ClientCredential("query", unquote_plus(raw), raw))
+    return found
+
+
 def choose_carrier(provider: Provider, client: ClientKind, client_carrier: str | None) -> str:
-    """Where the provider's key goes: the single place SPEC §4.1 picks.
+    """Where the provider's key goes: the one place this is decided.
 
     1. the provider's ``auth_header`` when set;
     2. ``x-api-key`` for an Anthropic API key, which the official API rejects
@@ -135,7 +168,7 @@ def build_upstream_request(
         elif lower == "x-forwarded-for":
             forwarded_for = value
         if lower in CREDENTIAL_HEADERS:
-            # The first credential in the SPEC's order decides the carrier.
+            # The first credential in CREDENTIAL_HEADERS' order decides the carrier.
             if client_carrier is None or CREDENTIAL_HEADERS.index(lower) < CREDENTIAL_HEADERS.index(client_carrier):
                 client_carrier = lower
             continue

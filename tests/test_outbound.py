@@ -14,7 +14,8 @@ import pytest
 
 from clipal.clients import CLAUDE_CODE, CODEX, GEMINI
 from clipal.config import Provider
-from clipal.outbound import build_upstream_request, end_to_end, hop_by_hop_names, join_url, strip_query_credentials
+from clipal.outbound import (build_upstream_request, client_credentials, end_to_end, hop_by_hop_names, join_url,
+                             strip_query_credentials)
 
 CLIENT_KEY = "client-secret-KEY-123"
 PROVIDER_KEY = "sk-or-provider-KEY-456"
@@ -256,3 +257,18 @@ def test_credential_headers_are_removed_case_insensitively_and_every_copy():
                ("X-API-KEY", CLIENT_KEY), ("X-Goog-Api-Key", CLIENT_KEY)]
     request = build(headers, client=CODEX)
     assert_key_only_at(request, "authorization")
+
+
+def test_client_credentials_are_found_in_every_spelling_the_upstream_request_strips():
+    headers = [("AUTHORIZATION", "bearer  tok-one"), ("X-Api-Key", "tok-two"), ("x-goog-api-key", "tok-three"),
+               ("Accept", "*/*")]
+    query = "alt=sse&api%5Fkey=tok%2Ffour&API_KEY=tok+five&Key=six&keyx=no"
+    found = client_credentials(headers, query)
+    assert [(c.carrier, c.value) for c in found] == [
+        ("authorization", "tok-one"), ("x-api-key", "tok-two"), ("x-goog-api-key", "tok-three"),
+        ("query", "tok/four"), ("query", "tok five"), ("query", "six"),
+    ]
+    assert found[3].raw == "tok%2Ffour"
+    # Whatever is found as a credential is exactly what the upstream request drops.
+    remaining, _ = strip_query_credentials(query)
+    assert remaining == "alt=sse&keyx=no"
