@@ -1,6 +1,6 @@
 """The proxy itself: one request, walked over the providers until one answers.
 
-Flow (SPEC §4): read the body once → pick providers from the failover state
+Flow: read the body once → pick providers from the failover state
 → one attempt each (:mod:`clipal.forward`) → on failure record the verdict
 and try the next → at the commit point hand the response to the client and
 stream the rest, never retrying after that.
@@ -11,21 +11,22 @@ from __future__ import annotations
 import errno
 import json
 import time
-from dataclasses import dataclass
 from typing import Iterator
 from urllib.parse import quote
 
+import requests
 from flask import Response
 
 from . import forward
 from .clientwatch import ClientGone, ClientWatch, client_socket
 from .classify import Kind, provider_failure
 from .clients import ClientKind
-from .config import Config, Provider, format_duration
-from .failover import FailoverState, ProviderPool
+from .config import Provider, format_duration
+from .failover import ProviderPool
 from .logs import get_logger
 from .redact import add_secret
-from .outbound import CREDENTIAL_HEADERS, build_upstream_request
+from .runtime import Snapshot
+from .outbound import build_upstream_request, client_credentials
 
 _COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 
@@ -47,14 +48,6 @@ class PassthroughResponse(Response):
     """A Flask response that adds nothing: no default Content-Type."""
 
     default_mimetype = None
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A configuration and the failover state built from it, swapped as one."""
-
-    config: Config
-    state: FailoverState
 
 
 def error_response(client: ClientKind | None, status: int, message: str, *,
@@ -138,41 +131,22 @@ def _request_headers(environ: dict) -> list[tuple[str, str]]:
 
 def _remember_client_credentials(headers: list[tuple[str, str]], query: str) -> None:
     """Client keys never reach the upstream, and must never reach a log line either."""
-    for name, value in headers:
-        if name.lower() in CREDENTIAL_HEADERS:
-            add_secret(value.split(" ", 1)[1] if value.lower().startswith("bearer ") else value)
-    for part in query.split("&") if query else ():
-        name, _, value = part.partition("=")
-        if name in ("key", "api_key") and value:
-            add_secret(value)
+    for credential in client_credentials(headers, query):
+        add_secret(credential.value)
+        if credential.carrier == "query" and credential.raw != credential.value:
+            add_secret(credential.raw)  # also as percent-encoded on the wire
 
 
 # --- the request ------------------------------------------------------------------
 
 
-def handle(client: ClientKind, environ: dict, snapshot: Snapshot, session) -> Response:
+def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: requests.Session) -> Response:
     """Serve one request for ``client`` with the configuration it arrived under."""
-    result = serve(client, environ, snapshot, session)
-    return result.response() if isinstance(result, _Relay) else result
-
-
-def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session) -> Response | _Relay:
-    """:func:`handle`, as a WSGI application to call: a committed response stays a :class:`_Relay`."""
     log = get_logger(client.name)
     settings = snapshot.config.settings
     method = environ["REQUEST_METHOD"]
     subpath = raw_subpath(environ, client.prefix)
     query = environ.get("QUERY_STRING", "")
-
-    if "websocket" in environ.get("HTTP_UPGRADE", "").lower():
-        # Codex tries Responses-over-WebSocket first and falls back to plain
-        # HTTP at once on a 426; any other answer ends its run or costs it
-        # seconds. clipal relays HTTP only.
-        log.info("WebSocket upgrade for %s answered 426 (clipal relays plain HTTP; the client falls back to it)",
-                 subpath or "/")
-        refusal = error_response(client, 426, "clipal does not relay WebSocket connections; use HTTP")
-        refusal.headers["Connection"] = "close"
-        return refusal
 
     try:
         body = read_body(environ, settings.max_request_body_bytes)
@@ -213,9 +187,9 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session) -> Res
                 _record_failure(log, pool, provider, failure, lane)
                 continue
             pool.succeeded(provider, lane)
-            streaming = _Relay(client, provider, ready, watch, settings.upstream_idle_timeout, pool, lane)
+            relay = _Relay(client, provider, ready, watch, settings.upstream_idle_timeout, pool, lane)
             watch = None  # the relay owns it now
-            return streaming
+            return relay.response()
     except ClientGone:
         log.info("client disconnected while waiting for the upstream; request abandoned")
         return Response(status=499)
@@ -240,10 +214,6 @@ def _record_failure(log, pool: ProviderPool, provider: Provider, failure: forwar
                     format_duration(verdict.cooldown))
     else:
         log.warning("provider %s failed: %s; trying next", provider.name, verdict.reason)
-
-
-#: Response headers werkzeug rewrites on the way out (IRI to URI).
-_WERKZEUG_REWRITES = frozenset({"location", "content-location"})
 
 
 class _Relay:
@@ -285,22 +255,6 @@ class _Relay:
     def response(self) -> Response:
         return PassthroughResponse(self, status=f"{self.ready.status} {self.ready.reason}".strip(),
                                    headers=self._headers(), direct_passthrough=True)
-
-    def __call__(self, environ: dict, start_response):
-        """Start the response as a WSGI application: what :meth:`response` would send.
-
-        Building a werkzeug Response and turning it back into a header list
-        costs ~10 us per request. For a relayed response werkzeug changes
-        nothing except on HEAD, 1xx/204/304, a missing reason phrase and
-        Location/Content-Location headers; those still go through it.
-        """
-        ready, headers = self.ready, self._headers()
-        if (not ready.reason or ready.status < 200 or ready.status in (204, 304)
-                or environ.get("REQUEST_METHOD") == "HEAD"
-                or any(name.lower() in _WERKZEUG_REWRITES for name, _ in headers)):
-            return self.response()(environ, start_response)
-        start_response(f"{ready.status} {ready.reason}", headers)
-        return self
 
     def __iter__(self) -> Iterator[bytes]:
         log = get_logger(self.client.name)

@@ -11,7 +11,7 @@ import dataclasses
 
 import gevent
 
-from .app import Runtime, warn_about_permissions
+from .runtime import Runtime, warn_about_permissions
 from .clients import CLIENTS
 from .config import CONFIG_FILE, Config, ConfigError, load_config
 from .logs import get_logger

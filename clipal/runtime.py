@@ -1,0 +1,70 @@
+"""What requests share: the configuration snapshot, the failover state and the upstream session.
+
+A :class:`Runtime` lives as long as the app. Its :class:`Snapshot` - one
+configuration and the failover state built from it - is replaced whole on
+reload (one reference swap), so a request that read it keeps a consistent
+configuration until it finishes, and no request sees half a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import requests
+
+from . import forward
+from .config import Config, config_files
+from .failover import FailoverState
+from .logs import configure_logging, warn_if_readable_by_others
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A configuration and the failover state built from it, swapped as one."""
+
+    config: Config
+    state: FailoverState
+
+
+class Runtime:
+    """The current :class:`Snapshot` and the one upstream session every request uses.
+
+    ``overrides`` are command-line settings that win over config.yaml, now
+    and after every reload.
+    """
+
+    def __init__(self, config: Config, overrides: Mapping[str, Any] | None = None) -> None:
+        self.overrides = dict(overrides or {})
+        self.session: requests.Session = forward.new_session()
+        self.snapshot = self._build(config)
+
+    def _build(self, config: Config) -> Snapshot:
+        if self.overrides:
+            config = dataclasses.replace(config, settings=dataclasses.replace(config.settings, **self.overrides))
+        settings = config.settings
+        state = FailoverState(config.providers, reactivate_after=settings.reactivate_after,
+                              isolate_count_tokens=settings.ignore_count_tokens_failover)
+        return Snapshot(config=config, state=state)
+
+    def apply(self, config: Config) -> Snapshot:
+        """Install a new configuration: fresh failover state, logging settings at once."""
+        snapshot = self._build(config)
+        self.snapshot = snapshot
+        apply_logging(snapshot.config)
+        return snapshot
+
+
+def apply_logging(config: Config) -> None:
+    """The logging part of a configuration: level, files, retention, and the keys to redact."""
+    settings = config.settings
+    configure_logging(level=settings.log_level, log_dir=config.log_dir, retention_days=settings.log_retention_days,
+                      to_stdout=settings.log_stdout, secrets=config.secrets())
+
+
+def warn_about_permissions(config: Config) -> None:
+    """Config files hold API keys: say so (once per file) when others may read one."""
+    for path in config_files(config.config_dir):
+        if path.exists():
+            warn_if_readable_by_others(path)
