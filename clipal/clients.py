@@ -77,7 +77,7 @@ class ClientKind:
     prefix: str
     #: config file in the config directory: "claude-code.yaml"
     file: str
-    #: where the provider key goes when nothing else decides (SPEC §4.1 rule 4)
+    #: where the provider key goes when nothing else decides (the last rule of outbound.choose_carrier)
     default_carrier: str
     _error_shape: Callable[[int, str], dict]
 

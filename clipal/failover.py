@@ -21,7 +21,8 @@ from typing import Callable, Iterator, Mapping
 from .classify import Kind, Verdict
 from .config import Provider, active_providers, format_duration
 
-#: The main conversation's lane, and the separate one count_tokens may use (SPEC §4.6).
+#: The main conversation's lane, and the separate one Claude Code's count_tokens uses when
+#: ignore_count_tokens_failover is on (its failures then move only its own cursor).
 MAIN = "main"
 COUNT_TOKENS = "count_tokens"
 
@@ -41,7 +42,7 @@ class Outage:
 
 @dataclass(frozen=True)
 class Unavailable:
-    """The answer when no provider can take a request (SPEC §4.4)."""
+    """The answer when no provider can take a request: 429 or 503, and when to come back."""
 
     status: int  # 429 or 503
     retry_after: int  # whole seconds
@@ -143,7 +144,12 @@ class ProviderPool:
         return None
 
     def unavailable(self, lane: str = MAIN) -> Unavailable:
-        """What to answer when no provider is left for a request (SPEC §4.4)."""
+        """What to answer when no provider is left for a request.
+
+        429 when the provider that recovers first is rate-limited or
+        overloaded (come back soon), else 503; 503 with Retry-After 1 when a
+        provider failed without a hint (it may work at once).
+        """
         if not self.providers:
             return Unavailable(503, 1, "no providers configured")
         now = self._clock()

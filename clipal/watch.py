@@ -1,6 +1,6 @@
 """Watch a few file names in one directory and call back when any of them changes.
 
-This is the trigger half of hot reload (SPEC §5): it knows nothing about YAML or clipal's
+This is the trigger half of hot reload: it knows nothing about YAML or clipal's
 configuration, it only says "one of these files may be different now". The caller re-reads
 and validates.
 

@@ -26,6 +26,29 @@ import yaml
 
 from fakeupstream import FakeUpstream
 
+#: Modules whose tests start real processes or servers (clipal, gunicorn, pip, systemd-analyze) or
+#: wait on the real filesystem; every test that uses the ``clipal`` or ``upstream_factory`` fixture
+#: is live too. ``pytest -m "not live"`` runs the rest: the fast loop, a few seconds.
+LIVE_MODULES = frozenset({
+    "test_cli", "test_deploy", "test_fakeupstream", "test_gunicorn_live", "test_readme", "test_sdk_failover",
+    "test_smoke_live", "test_update", "test_watch",
+})
+LIVE_FIXTURES = frozenset({"clipal", "upstream_factory"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "live: starts real servers or processes on loopback (slow); "
+                                       'deselect with -m "not live"')
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__ if getattr(item, "module", None) else ""
+        if (module in LIVE_MODULES or module.startswith("test_live_")
+                or LIVE_FIXTURES & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.live)
+
+
 #: The client config files by client name (the same table as clipal.clients).
 CLIENT_FILES = {"claudecode": "claude-code.yaml", "codex": "codex.yaml", "gemini": "gemini.yaml"}
 
