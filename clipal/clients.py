@@ -80,13 +80,21 @@ class ClientKind:
     #: where the provider key goes when nothing else decides (the last rule of outbound.choose_carrier)
     default_carrier: str
     _error_shape: Callable[[int, str], dict]
+    #: the path of this client's token-counting requests, which may keep their own
+    #: failover cursor (ignore_count_tokens_failover); None when it has none
+    count_tokens_path: str | None = None
+
+    def is_count_tokens(self, subpath: str) -> bool:
+        """Whether a request for ``subpath`` (the path after the prefix) counts tokens."""
+        return self.count_tokens_path is not None and subpath.rstrip("/").endswith(self.count_tokens_path)
 
     def error_body(self, status: int, message: str) -> bytes:
         """A JSON error in this client's own shape, so its SDK raises a normal API error."""
         return json.dumps(self._error_shape(status, message)).encode()
 
 
-CLAUDE_CODE = ClientKind("claudecode", "/claudecode", "claude-code.yaml", "x-api-key", _anthropic_error)
+CLAUDE_CODE = ClientKind("claudecode", "/claudecode", "claude-code.yaml", "x-api-key", _anthropic_error,
+                         count_tokens_path="/v1/messages/count_tokens")
 CODEX = ClientKind("codex", "/codex", "codex.yaml", "authorization", _openai_error)
 GEMINI = ClientKind("gemini", "/gemini", "gemini.yaml", "x-goog-api-key", _gemini_error)
 

@@ -24,11 +24,9 @@ from .clients import ClientKind
 from .config import Provider, format_duration
 from .failover import ProviderPool
 from .logs import get_logger
+from .outbound import build_upstream_request, client_credentials
 from .redact import add_secret
 from .runtime import Snapshot
-from .outbound import build_upstream_request, client_credentials
-
-_COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 
 
 class StreamAborted(ConnectionResetError):
@@ -167,7 +165,7 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
 
     headers = _request_headers(environ)
     _remember_client_credentials(headers, query)
-    lane = pool.lane_for(client.name == "claudecode" and subpath.rstrip("/").endswith(_COUNT_TOKENS_PATH))
+    lane = pool.lane_for(client.is_count_tokens(subpath))
     for name in pool.expire():
         log.info("provider %s reactivated", name)
 
