@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -318,3 +319,20 @@ def test_hang_up_and_broken_stream_under_gunicorn(tmp_path, upstream_factory, gu
     assert b.requests == [], "no retry after the commit point"
     server.wait_for(lambda out: "response to the client ended incomplete" in out, "the broken-stream warning", 5)
 
+
+def test_each_worker_tunes_memory_as_clipal_does(tmp_path, upstream_factory, gunicorn_clipal):
+    """The malloc threshold and the frozen startup objects of `clipal`'s serve() happen in
+    every gunicorn worker too; both functions say so at debug level."""
+    a = upstream_factory("A")
+    config_dir = tmp_path / "config"
+    write_config(config_dir, settings={"log_level": "debug"}, codex=[provider("A", a)])
+    server = gunicorn_clipal(config_dir)
+    pattern = r"memory: (\d+) startup objects kept out of garbage collection"
+    # start() saw both workers load the config; the tuning comes just after that.
+    server.wait_for(lambda out: len(re.findall(pattern, out)) == 2, "both workers freezing their startup objects", 10)
+    out = server.output()
+    assert all(int(n) > 1000 for n in re.findall(pattern, out)), out
+    if platform.libc_ver()[0] == "glibc":
+        assert out.count("memory: allocations of 1048576 bytes and up are returned to the OS when freed") == 2, out
+    # Tuned after the app was built: each worker's lines follow its config loading.
+    assert out.index("provider(s) loaded") < out.index("startup objects kept out")
