@@ -1,4 +1,4 @@
-"""clipal under gunicorn, as deploy/README.md tells people to run it (issue 5, acceptance 1).
+"""clipal under gunicorn, as deploy/README.md tells people to run it.
 
     CLIPAL_CONFIG_DIR=... gunicorn -c deploy/gunicorn.conf.py 'clipal.wsgi:app'
 
