@@ -24,6 +24,7 @@ setup(
         "requests>=2.31",
         "Flask>=3.0",
         "PyYAML>=6.0",
+        "packaging>=23",
         "inotify-simple>=1.3; sys_platform == 'linux'",
     ],
     extras_require={

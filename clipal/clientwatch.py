@@ -32,8 +32,13 @@ _READ = 1  # libev/libuv EV_READ
 
 
 def client_socket(environ: dict) -> socket.socket | None:
-    """The client's socket, from clipal's gevent handler or gunicorn's gevent worker."""
-    return environ.get("clipal.client_socket") or environ.get("gunicorn.socket")
+    """The client's socket, from clipal's gevent handler or one of gunicorn's gevent workers.
+
+    gunicorn's workers name it differently: ``-k gevent`` (GeventWorker) parses requests
+    itself and sets ``gunicorn.socket``; GeventPyWSGIWorker serves through gevent's
+    pywsgi with gunicorn's own handler, which sets ``gunicorn.sock``.
+    """
+    return environ.get("clipal.client_socket") or environ.get("gunicorn.socket") or environ.get("gunicorn.sock")
 
 
 class ClientWatch:

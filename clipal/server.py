@@ -195,7 +195,10 @@ def return_large_buffers_to_the_os() -> None:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return
-    mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION)
+    # The debug line is how a test sees that a gunicorn worker was tuned too (see clipal.wsgi).
+    if mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION) == 1:
+        get_logger().debug("memory: allocations of %d bytes and up are returned to the OS when freed",
+                           LARGE_ALLOCATION)
 
 
 #: A burst is at least this many open client connections; when it is over, free heap goes back.
@@ -240,6 +243,7 @@ def freeze_startup_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+    get_logger().debug("memory: %d startup objects kept out of garbage collection", gc.get_freeze_count())
 
 
 def serve(server: ProxyServer, on_stop=None) -> None:

@@ -6,13 +6,12 @@ the version and tags), its SHA-256 is checked against the digest the index publi
 only that verified file is handed to the running interpreter's pip. Any failure before pip
 runs leaves the installation untouched and removes the download.
 
-Only the standard library is used (urllib, hashlib), so updating works even when the
-installed clipal's own dependencies are broken, and nothing here pulls in gevent.
+Versions and wheel file names are read with `packaging`, the library pip itself uses for
+them; the network side is the standard library (urllib, hashlib), and nothing here pulls
+in gevent.
 
 Pre-releases: the newest release counts as an update only when it is a final release, or
-when the running clipal is itself a pre-release (the user has opted in to them, which is
-also how pip decides). PyPI's ``info.version`` already skips pre-releases unless a project
-has nothing else, so this matters mostly for private indexes.
+when the running clipal is itself a pre-release (see `is_newer`).
 """
 
 from __future__ import annotations
@@ -33,7 +32,10 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+
+from packaging.tags import sys_tags
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import InvalidVersion, Version
 
 PACKAGE = "clipal"
 DEFAULT_INDEX_URL = "https://pypi.org/pypi"
@@ -74,93 +76,27 @@ class Release:
 
 # --------------------------------------------------------------------------- versions
 
-_VERSION_RE = re.compile(
-    r"""
-    ^\s*v?
-    (?:(?P<epoch>\d+)!)?
-    (?P<release>\d+(?:\.\d+)*)
-    (?:[-_.]?(?P<pre_l>a|alpha|b|beta|c|rc|pre|preview)[-_.]?(?P<pre_n>\d*))?
-    (?:-(?P<post_implicit>\d+)|[-_.]?(?:post|rev|r)[-_.]?(?P<post_n>\d*))?
-    (?:[-_.]?dev[-_.]?(?P<dev_n>\d*))?
-    (?:\+[a-z0-9]+(?:[-_.][a-z0-9]+)*)?
-    \s*$
-    """,
-    re.VERBOSE | re.IGNORECASE,
-)
-_PRE_RANK = {"a": 0, "alpha": 0, "b": 1, "beta": 1, "c": 2, "rc": 2, "pre": 2, "preview": 2}
 
-
-def fallback_version_key(text: str) -> tuple:
-    """A sort key following PEP 440 ordering, for when `packaging` is not installed.
-
-    Covers epochs, releases of any length (1.0 == 1.0.0), a/b/rc pre-releases, post- and
-    dev-releases; a local label (+xyz) is ignored. Raises UpdateError on anything else.
-    """
-    match = _VERSION_RE.match(text)
-    if not match:
-        raise UpdateError(f"cannot understand version {text!r}")
-    release = [int(part) for part in match["release"].split(".")]
-    while len(release) > 1 and release[-1] == 0:
-        release.pop()
-    has_pre = match["pre_l"] is not None
-    post = match["post_implicit"] if match["post_implicit"] is not None else match["post_n"]
-    has_post = post is not None
-    has_dev = match["dev_n"] is not None
-    if has_pre:
-        pre_key: tuple = (0, _PRE_RANK[match["pre_l"].lower()], int(match["pre_n"] or 0))
-    elif has_dev and not has_post:
-        pre_key = (-1,)  # 1.0.dev1 sorts before 1.0a1
-    else:
-        pre_key = (1,)  # a final release sorts after its pre-releases
-    post_key = (int(post or 0),) if has_post else (-1,)
-    dev_key = (0, int(match["dev_n"] or 0)) if has_dev else (1, 0)
-    return (int(match["epoch"] or 0), tuple(release), pre_key, post_key, dev_key)
-
-
-def fallback_is_prerelease(text: str) -> bool:
-    """True for a/b/rc and dev releases (PEP 440's definition), without `packaging`."""
-    match = _VERSION_RE.match(text)
-    if not match:
-        raise UpdateError(f"cannot understand version {text!r}")
-    return match["pre_l"] is not None or match["dev_n"] is not None
-
-
-def _packaging_version_class() -> Any:
-    if importlib.util.find_spec("packaging") is None:
-        return None
-    from packaging.version import Version
-
-    return Version
-
-
-def parse_version(text: str) -> Any:
-    """A comparable form of `text`: a `packaging` Version when that is importable, else
-    the PEP 440 sort key above. Raises UpdateError when `text` is not a version."""
-    version_class = _packaging_version_class()
-    if version_class is None:
-        return fallback_version_key(text)
-    from packaging.version import InvalidVersion
-
+def parse_version(text: str) -> Version:
+    """`text` as a PEP 440 version; UpdateError when it is not one."""
     try:
-        return version_class(text)
+        return Version(text)
     except InvalidVersion:
         raise UpdateError(f"cannot understand version {text!r}") from None
-
-
-def is_prerelease(text: str) -> bool:
-    """True for alpha, beta, release-candidate and dev versions."""
-    parsed = parse_version(text)
-    return parsed.is_prerelease if hasattr(parsed, "is_prerelease") else fallback_is_prerelease(text)
 
 
 def is_newer(candidate: str, current: str) -> bool:
     """Whether `candidate` is an update for a clipal at version `current`.
 
-    A pre-release is an update only for someone already running a pre-release.
+    A pre-release (alpha, beta, release candidate or dev release) is an update only for
+    someone already running a pre-release: they have opted in to them, which is also how
+    pip decides. PyPI's ``info.version`` already skips pre-releases unless a project has
+    nothing else, so this matters mostly for private indexes.
     """
-    if is_prerelease(candidate) and not is_prerelease(current):
+    candidate_version, current_version = parse_version(candidate), parse_version(current)
+    if candidate_version.is_prerelease and not current_version.is_prerelease:
         return False
-    return parse_version(candidate) > parse_version(current)
+    return candidate_version > current_version
 
 
 # --------------------------------------------------------------------------- index
@@ -239,24 +175,6 @@ def fetch_release_info(index_url: str = DEFAULT_INDEX_URL, timeout: float = DEFA
 
 # --------------------------------------------------------------------------- wheels
 
-# name-version(-build)?-python-abi-platform.whl
-_WHEEL_RE = re.compile(
-    r"^(?P<name>[^-]+)-(?P<version>[^-]+)(?:-\d[^-]*)?-(?P<py>[^-]+)-(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$"
-)
-
-
-def _compatible_tags() -> set[str]:
-    """Tags this interpreter can install: every pure-Python py3 tag, plus the platform's
-    own tags when `packaging` can list them."""
-    minor = sys.version_info.minor
-    tags = {"py3-none-any"} | {f"py3{m}-none-any" for m in range(minor + 1)}
-    if importlib.util.find_spec("packaging") is not None:
-        from packaging.tags import sys_tags
-
-        tags.update(str(tag) for tag in sys_tags())
-    return tags
-
-
 def pick_wheel(release: Release) -> WheelFile:
     """Choose the release's wheel that this interpreter can install.
 
@@ -266,34 +184,22 @@ def pick_wheel(release: Release) -> WheelFile:
     """
     if not release.wheels:
         raise UpdateError(f"release {release.version} of {PACKAGE} has no wheel to install")
-    supported = _compatible_tags()
+    supported = set(sys_tags())
     want_version = parse_version(release.version)
     for wheel in release.wheels:
-        match = _WHEEL_RE.match(wheel.filename)
-        if not match or os.path.basename(wheel.filename) != wheel.filename:
+        if os.path.basename(wheel.filename) != wheel.filename:
             continue
-        if match["name"].lower().replace(".", "_") != PACKAGE:
+        try:
+            name, version, _build, tags = parse_wheel_filename(wheel.filename)
+        except (InvalidWheelFilename, InvalidVersion):
             continue
-        if not _is_version(match["version"], want_version):
+        # Both sides are normalised (clipal-1.0 == clipal-1.0.0, Clipal == clipal).
+        if name != canonicalize_name(PACKAGE) or version != want_version:
             continue
-        combos = {
-            f"{py}-{abi}-{plat}"
-            for py in match["py"].split(".")
-            for abi in match["abi"].split(".")
-            for plat in match["plat"].split(".")
-        }
-        if combos & supported:
+        if tags & supported:
             return wheel
     names = ", ".join(w.filename for w in release.wheels)
     raise UpdateError(f"release {release.version} has no wheel for this Python ({names})")
-
-
-def _is_version(text: str, wanted: Any) -> bool:
-    # Wheel names spell versions with '_' for '-', and 1.0 == 1.0.0: compare parsed forms.
-    try:
-        return parse_version(text.replace("_", "-")) == wanted
-    except UpdateError:
-        return False
 
 
 def download_and_verify(wheel: WheelFile, dest_dir: str | os.PathLike[str], timeout: float = DEFAULT_TIMEOUT) -> Path:

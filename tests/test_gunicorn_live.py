@@ -1,4 +1,4 @@
-"""clipal under gunicorn, as deploy/README.md tells people to run it (issue 5, acceptance 1).
+"""clipal under gunicorn, as deploy/README.md tells people to run it.
 
     CLIPAL_CONFIG_DIR=... gunicorn -c deploy/gunicorn.conf.py 'clipal.wsgi:app'
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -31,6 +32,9 @@ pytest.importorskip("gunicorn")
 
 REPO = Path(__file__).resolve().parent.parent
 GUNICORN_CONF = REPO / "deploy" / "gunicorn.conf.py"
+# gunicorn's two gevent workers: deploy/gunicorn.conf.py's, whose environ comes from
+# gunicorn's own HTTP parser, and the one serving through gevent's pywsgi.
+GEVENT_WORKERS = ["gevent", "gunicorn.workers.ggevent.GeventPyWSGIWorker"]
 
 
 def gunicorn_command() -> list[str]:
@@ -48,7 +52,7 @@ def supports_setting(name: str) -> bool:
 class Gunicorn:
     """``gunicorn -c deploy/gunicorn.conf.py clipal.wsgi:app`` with 2 workers on a free port."""
 
-    def __init__(self, config_dir: Path, workdir: Path) -> None:
+    def __init__(self, config_dir: Path, workdir: Path, worker_class: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.output_path = workdir / f"gunicorn-{self.port}.out"
@@ -59,6 +63,8 @@ class Gunicorn:
             "--access-logfile", str(self.access_log),
             "--access-logformat", "pid=%(p)s id=%({x-test-id}i)s status=%(s)s",
         ]
+        if worker_class is not None:
+            command += ["--worker-class", worker_class]  # the command line overrides the config file
         if supports_setting("control_socket_disable"):
             command.append("--no-control-socket")  # else gunicorn >= 25.1 binds ~/.gunicorn/gunicorn.ctl
         command.append("clipal.wsgi:app")
@@ -125,8 +131,8 @@ class Gunicorn:
 def gunicorn_clipal(tmp_path):
     started: list[Gunicorn] = []
 
-    def start(config_dir: Path) -> Gunicorn:
-        server = Gunicorn(config_dir, tmp_path)
+    def start(config_dir: Path, worker_class: str | None = None) -> Gunicorn:
+        server = Gunicorn(config_dir, tmp_path, worker_class)
         started.append(server)
         return server.start()
 
@@ -272,14 +278,16 @@ def test_two_gevent_workers_proxy_and_both_reload(tmp_path, upstream_factory, gu
     assert "Traceback" not in out, out
 
 
-def test_hang_up_and_broken_stream_under_gunicorn(tmp_path, upstream_factory, gunicorn_clipal):
-    """clipal's client-socket watch and abnormal stream end work with gunicorn's gevent
-    worker (which hands the socket over as environ['gunicorn.socket'])."""
+@pytest.mark.parametrize("worker_class", GEVENT_WORKERS)
+def test_hang_up_and_broken_stream_under_gunicorn(tmp_path, upstream_factory, gunicorn_clipal, worker_class):
+    """clipal's client-socket watch and abnormal stream end work with both of gunicorn's
+    gevent workers (which hand the socket over as environ['gunicorn.socket'] and
+    environ['gunicorn.sock'] respectively)."""
     a = upstream_factory("A")
     b = upstream_factory("B")
     config_dir = tmp_path / "config"
     write_config(config_dir, codex=[provider("A", a), provider("B", b, priority=2)])
-    server = gunicorn_clipal(config_dir)
+    server = gunicorn_clipal(config_dir, worker_class)
 
     # The agent gives up while A has not even sent headers: clipal abandons at once,
     # closes its upstream request and does not spend B's quota on nobody.
@@ -288,7 +296,7 @@ def test_hang_up_and_broken_stream_under_gunicorn(tmp_path, upstream_factory, gu
         requests.post(server.url + "/codex/v1/chat/completions", json={"model": "m", "messages": []},
                       headers={"Connection": "close"}, timeout=0.5)
     stalled = a.wait_for_requests(1, timeout=5)[0]
-    assert stalled.client_gone.wait(3), "clipal kept waiting on A after the client left"
+    assert stalled.client_gone.wait(2), "clipal kept waiting on A after the client left"
     time.sleep(0.3)
     assert b.requests == []
     # ... and A is not blamed: the next request still goes to A.
@@ -310,3 +318,21 @@ def test_hang_up_and_broken_stream_under_gunicorn(tmp_path, upstream_factory, gu
     assert b"event: response.created" in received and b"response.completed" not in received
     assert b.requests == [], "no retry after the commit point"
     server.wait_for(lambda out: "response to the client ended incomplete" in out, "the broken-stream warning", 5)
+
+
+def test_each_worker_tunes_memory_as_clipal_does(tmp_path, upstream_factory, gunicorn_clipal):
+    """The malloc threshold and the frozen startup objects of `clipal`'s serve() happen in
+    every gunicorn worker too; both functions say so at debug level."""
+    a = upstream_factory("A")
+    config_dir = tmp_path / "config"
+    write_config(config_dir, settings={"log_level": "debug"}, codex=[provider("A", a)])
+    server = gunicorn_clipal(config_dir)
+    pattern = r"memory: (\d+) startup objects kept out of garbage collection"
+    # start() saw both workers load the config; the tuning comes just after that.
+    server.wait_for(lambda out: len(re.findall(pattern, out)) == 2, "both workers freezing their startup objects", 10)
+    out = server.output()
+    assert all(int(n) > 1000 for n in re.findall(pattern, out)), out
+    if platform.libc_ver()[0] == "glibc":
+        assert out.count("memory: allocations of 1048576 bytes and up are returned to the OS when freed") == 2, out
+    # Tuned after the app was built: each worker's lines follow its config loading.
+    assert out.index("provider(s) loaded") < out.index("startup objects kept out")

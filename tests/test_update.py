@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.server
+import importlib.metadata
 import json
 import os
 import socket
@@ -27,35 +28,56 @@ import clipal
 from clipal import update
 
 REPO = Path(__file__).resolve().parent.parent
+# What setup.py declares; the real-install test gives its wheels the same requirement.
+PACKAGING_REQUIREMENT = "packaging>=23"
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def build_wheel(dest: Path, version: str, modules: dict[str, str]) -> Path:
+def build_wheel(dest: Path, version: str, modules: dict[str, str], requires: tuple[str, ...] = ()) -> Path:
     """Write a minimal but valid pure-Python wheel of a package named `clipal`.
 
     Built by hand with zipfile so the tests need neither the `wheel` package nor a
-    network connection.
+    network connection. `requires` become its Requires-Dist lines.
     """
-    dist_info = f"clipal-{version}.dist-info"
     files = {f"clipal/{name}": text.encode() for name, text in modules.items()}
-    files[f"{dist_info}/METADATA"] = f"Metadata-Version: 2.1\nName: clipal\nVersion: {version}\n".encode()
+    return write_wheel(dest, "clipal", version, files, requires)
+
+
+def repack_installed(dest: Path, project: str) -> Path:
+    """A wheel of the pure-Python distribution `project` as installed here, re-packed
+    from its files, so an offline venv can install it."""
+    dist = importlib.metadata.distribution(project)
+    files = {
+        str(file): file.read_binary()
+        for file in dist.files or ()
+        if ".dist-info/" not in str(file) and "__pycache__" not in str(file) and not str(file).startswith("..")
+    }
+    return write_wheel(dest, dist.metadata["Name"], dist.version, files)
+
+
+def write_wheel(dest: Path, name: str, version: str, files: dict[str, bytes], requires: tuple[str, ...] = ()) -> Path:
+    dist_info = f"{name}-{version}.dist-info"
+    files = dict(files)
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    metadata += "".join(f"Requires-Dist: {requirement}\n" for requirement in requires)
+    files[f"{dist_info}/METADATA"] = metadata.encode()
     files[f"{dist_info}/WHEEL"] = (
         b"Wheel-Version: 1.0\nGenerator: clipal-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
     )
     record = []
-    for name, data in files.items():
+    for path, data in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{name},sha256={digest},{len(data)}")
+        record.append(f"{path},sha256={digest},{len(data)}")
     record.append(f"{dist_info}/RECORD,,")
     files[f"{dist_info}/RECORD"] = ("\n".join(record) + "\n").encode()
 
     dest.mkdir(parents=True, exist_ok=True)
-    path = dest / f"clipal-{version}-py3-none-any.whl"
+    path = dest / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
+        for member, data in files.items():
+            archive.writestr(member, data)
     return path
 
 
@@ -284,6 +306,10 @@ def test_silent_server_times_out():
             update.fetch_release_info(url, timeout=0.3)
 
 
+def test_setup_py_declares_packaging():
+    assert f'"{PACKAGING_REQUIREMENT}"' in (REPO / "setup.py").read_text()
+
+
 def test_default_index_is_public_pypi_json_api():
     assert update.DEFAULT_INDEX_URL == "https://pypi.org/pypi"
     assert update.DEFAULT_TIMEOUT == 30.0
@@ -373,25 +399,20 @@ ORDERED = [
 ]
 
 
-def test_fallback_version_order_matches_packaging():
-    packaging_version = pytest.importorskip("packaging.version")
-    by_packaging = sorted(ORDERED, key=packaging_version.Version)
-    assert by_packaging == ORDERED
-    assert sorted(reversed(ORDERED), key=update.fallback_version_key) == ORDERED
-    assert update.fallback_version_key("1.0") == update.fallback_version_key("1.0.0")
-    assert update.fallback_version_key("1.0.0-RC1") == update.fallback_version_key("1.0.0rc1")
+def test_version_order():
+    assert sorted(reversed(ORDERED), key=update.parse_version) == ORDERED
+    assert update.parse_version("1.0") == update.parse_version("1.0.0")
+    assert update.parse_version("1.0.0-RC1") == update.parse_version("1.0.0rc1")
 
 
-@pytest.mark.parametrize("use_packaging", [True, False])
-def test_is_newer(monkeypatch, use_packaging):
-    if not use_packaging:
-        monkeypatch.setattr(update, "_packaging_version_class", lambda: None)
+def test_is_newer():
     assert update.is_newer("0.10.0", "0.9.0")  # numeric, not string, comparison
     assert update.is_newer("0.1.0.post1", "0.1.0")
     assert not update.is_newer("0.1.0", "0.1.0")
     assert not update.is_newer("0.1", "0.1.0")
     assert not update.is_newer("0.0.9", "0.1.0")
     assert not update.is_newer("2.0.0rc1", "0.1.0")  # pre-releases only for pre-release users
+    assert not update.is_newer("2.0.0.dev1", "0.1.0")
     assert update.is_newer("2.0.0rc1", "2.0.0b1")
     assert update.is_newer("2.0.0", "2.0.0rc1")
     with pytest.raises(update.UpdateError, match="cannot understand version"):
@@ -405,7 +426,9 @@ def test_real_install_into_throwaway_venv(tmp_path, index):
     """REAL INSTALL (slow, ~10 s, offline): a venv with an installed clipal 0.1.0 (carrying
     this update.py) upgrades itself to 99.0.0 from the fake index with its own pip.
 
-    The fresh venv has no `packaging`, so this also exercises the fallback version parser.
+    The old wheel declares `packaging` as update.py needs it; pip finds it offline in a
+    wheel re-packed from this environment's copy, which also proves the venv gets it as a
+    dependency and not by accident.
     """
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
@@ -425,9 +448,15 @@ def test_real_install_into_throwaway_venv(tmp_path, index):
         tmp_path / "old",
         "0.1.0",
         {"__init__.py": '__version__ = "0.1.0"\n', "update.py": (REPO / "clipal" / "update.py").read_text()},
+        requires=(PACKAGING_REQUIREMENT,),
     )
-    new = build_wheel(tmp_path / "new", "99.0.0", {"__init__.py": '__version__ = "99.0.0"\n'})
-    installed = run("-m", "pip", "install", "--quiet", str(old))
+    new = build_wheel(
+        tmp_path / "new", "99.0.0", {"__init__.py": '__version__ = "99.0.0"\n'}, requires=(PACKAGING_REQUIREMENT,)
+    )
+    assert run("-c", "import packaging").returncode != 0
+    links = tmp_path / "links"
+    repack_installed(links, "packaging")
+    installed = run("-m", "pip", "install", "--quiet", "--find-links", str(links), str(old))
     assert installed.returncode == 0, installed.stderr
     assert installed_version() == "0.1.0"
 
