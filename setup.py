@@ -24,6 +24,8 @@ setup(
         "requests>=2.31",
         "Flask>=3.0",
         "PyYAML>=6.0",
+        "brotli>=1.2",
+        "zstandard>=0.22",
         "inotify-simple>=1.3; sys_platform == 'linux'",
     ],
     extras_require={
