@@ -25,6 +25,8 @@ setup(
         "Flask>=3.0",
         "PyYAML>=6.0",
         "packaging>=23",
+        "brotli>=1.2",
+        "zstandard>=0.22",
         "inotify-simple>=1.3; sys_platform == 'linux'",
     ],
     extras_require={

@@ -54,12 +54,13 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from enum import Enum
+
+from .decode import decoded
 
 __all__ = [
     "Kind",
@@ -108,7 +109,7 @@ def provider_failure(reason: str, kind: Kind = Kind.SERVER_ERROR) -> Verdict:
     return Verdict(failover=True, kind=kind, deactivate=False, cooldown=None, reason=reason)
 
 # Bounds against hostile or broken upstreams: at most this much input is
-# looked at, and a gzip body never inflates beyond it (gzip bombs).
+# looked at, and a compressed body never decodes beyond it (bombs).
 _MAX_BODY_BYTES = 1 << 20
 
 _SERVER_ERROR_STATUSES = frozenset({500, 502, 503, 504})
@@ -424,28 +425,18 @@ def _list(value: object) -> list:
 
 
 def _decode_json_body(body: bytes, content_encoding: str) -> object | None:
-    """Parse an error body, gunzipping it when needed; None if it is not JSON."""
+    """Parse an error body, decoded first (gzip, deflate, br, zstd); None if it is not JSON.
+
+    A body that cannot be decoded is read as it came: an upstream that labels
+    a plain JSON body gzip is still understood, while compressed bytes (a
+    bomb stopped at the limit, a body in another coding than its header
+    says) never parse as JSON.
+    """
     if not body:
         return None
     data = bytes(body[:_MAX_BODY_BYTES])
-    encoding = content_encoding.lower()
-    if data[:2] == b"\x1f\x8b" or "gzip" in encoding or "deflate" in encoding:
-        data = _inflate(data)
-    return _loads(data)
-
-
-def _inflate(data: bytes) -> bytes:
-    """Decompress gzip or zlib data, at most _MAX_BODY_BYTES of output.
-
-    Truncated input yields what could be decompressed; input that is not
-    compressed at all (a header that lied) is returned unchanged.
-    """
-    for wbits in (47, -15):  # 47: gzip or zlib header, auto-detected; -15: raw deflate
-        try:
-            return zlib.decompressobj(wbits).decompress(data, _MAX_BODY_BYTES)
-        except zlib.error:
-            continue
-    return data
+    plain = decoded(data, content_encoding, limit=_MAX_BODY_BYTES)
+    return _loads(plain if plain is not None else data)
 
 
 def _loads(data: bytes) -> object | None:

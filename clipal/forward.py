@@ -38,6 +38,7 @@ from . import headerparse
 from .classify import (FAILOVER_STATUSES, Kind, Verdict, classify_response, classify_sse_error,
                        provider_failure)
 from .config import format_duration
+from .decode import Decoder
 from .outbound import UpstreamRequest, end_to_end
 
 #: Largest read handed to the client at once; smaller reads return as soon as bytes arrive.
@@ -327,17 +328,42 @@ def _read_some(response: requests.Response, timeout: float) -> bytes:
         return response.raw.read1(READ_SIZE, decode_content=False) or b""
 
 
-def _read_up_to(response: requests.Response, limit: int, timeout: float, *, until_event: bool = False) -> bytes:
-    """Read until EOF, ``limit`` bytes, or (with ``until_event``) the end of the first SSE event."""
+def _read_up_to(response: requests.Response, limit: int, timeout: float) -> bytes:
+    """Read until EOF or ``limit`` bytes."""
     buffer = bytearray()
     while len(buffer) < limit:
         data = _read_some(response, timeout)
         if not data:
             break
         buffer += data
-        if until_event and (b"\n\n" in buffer or b"\r\n\r\n" in buffer or b"\r\r" in buffer):
-            break
     return bytes(buffer)
+
+
+def _read_first_event(response: requests.Response, timeout: float) -> tuple[bytes, bytes]:
+    """An SSE stream up to the end of its first event: the bytes as received, and decoded.
+
+    The client gets the received bytes unchanged; the event is looked for in
+    the decoded ones, so a gzip, br or zstd stream is not held back until
+    FIRST_EVENT_LIMIT and its error event still fails over. Reading also
+    stops at EOF and where the bytes stop decoding (corrupt, or a bomb);
+    what decoded until then is the event.
+    """
+    received = bytearray()
+    plain = bytearray()
+    decoder = Decoder(response.headers.get("Content-Encoding", ""))
+    while len(received) < FIRST_EVENT_LIMIT:
+        data = _read_some(response, timeout)
+        if not data:  # EOF: the decoder may still hold the few bytes it was sniffing
+            plain += decoder.end() or b""
+            break
+        received += data
+        more = decoder.feed(data)
+        if more is None:
+            break
+        plain += more
+        if b"\n\n" in plain or b"\r\n\r\n" in plain or b"\r\r" in plain:
+            break
+    return bytes(received), bytes(plain)
 
 
 def _known_empty(method: str, status: int, response: requests.Response) -> bool:
@@ -393,8 +419,8 @@ def _to_commit_point(method: str, response: requests.Response, idle_timeout: flo
         elif _known_empty(method, status, response):
             first = b""
         elif 200 <= status < 300 and _is_event_stream(response):
-            first = _read_up_to(response, FIRST_EVENT_LIMIT, idle_timeout, until_event=True)
-            verdict = classify_sse_error(first, now=time.time())
+            first, event = _read_first_event(response, idle_timeout)
+            verdict = classify_sse_error(event, now=time.time())
             if verdict is not None:
                 raise AttemptFailed(verdict)
         else:

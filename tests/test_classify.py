@@ -20,6 +20,7 @@ from clipal.classify import (
     classify_sse_error,
     retry_hint,
 )
+from encoders import encoded, encoded_stream, raw_deflate
 
 NOW = 1_700_000_000.0
 SECRET = "sk-ant-api03-SECRETSECRET"  # echoed by some upstream messages; must never reach a reason
@@ -192,11 +193,29 @@ QUOTA_BODY = body(openai(GEMINI_QUOTA_MESSAGE, "insufficient_quota", "insufficie
         ({"content-encoding": "GZIP"}, gzip.compress(QUOTA_BODY)),
         ({"Content-Encoding": "deflate"}, zlib.compress(QUOTA_BODY)),
         ({"Content-Encoding": "gzip"}, QUOTA_BODY),  # header lied: the body is plain
+        ({"Content-Encoding": "br"}, encoded("br", QUOTA_BODY)),
+        ({"Content-Encoding": "zstd"}, encoded("zstd", QUOTA_BODY)),
+        ({}, encoded("zstd", QUOTA_BODY)),  # no header: the zstd magic is enough
+        ({"Content-Encoding": "deflate"}, raw_deflate(QUOTA_BODY)),
+        ({"Content-Encoding": "gzip, br"}, encoded("br", gzip.compress(QUOTA_BODY))),
     ],
-    ids=["gzip header", "gzip magic only", "header case", "deflate", "plain despite header"],
+    ids=["gzip header", "gzip magic only", "header case", "deflate", "plain despite header", "br", "zstd",
+         "zstd magic only", "raw deflate", "gzip then br"],
 )
 def test_compressed_429_body_is_decoded(headers, payload):
     assert classify_response(429, headers, payload, now=NOW).kind is Kind.QUOTA
+
+
+OPENAI_QUOTA_BODY = body(openai("You exceeded your current quota", "insufficient_quota", "insufficient_quota"))
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+def test_an_encoded_quota_429_deactivates_like_its_plain_twin(coding):
+    plain = classify_response(429, {"Content-Type": "application/json"}, OPENAI_QUOTA_BODY, now=NOW)
+    headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+    verdict = classify_response(429, headers, encoded(coding, OPENAI_QUOTA_BODY), now=NOW)
+    assert verdict == plain
+    assert verdict.kind is Kind.QUOTA and verdict.deactivate
 
 
 BIG_NESTING = b"[" * 100_000 + b"]" * 100_000
@@ -212,13 +231,16 @@ BIG_NESTING = b"[" * 100_000 + b"]" * 100_000
         ({}, QUOTA_BODY[: len(QUOTA_BODY) // 2]),  # truncated JSON
         ({"Content-Encoding": "gzip"}, gzip.compress(QUOTA_BODY)[:20]),  # truncated gzip
         ({"Content-Encoding": "gzip"}, b"\x1f\x8b" + b"\x00" * 30),  # corrupt gzip
-        # gzip bomb: only the first MiB is inflated, so the verdict never sees the tail
+        # bombs: decoding stops at a MiB, so the verdict never sees the tail
         ({"Content-Encoding": "gzip"}, gzip.compress(b" " * (50 << 20) + QUOTA_BODY)),
-        ({"Content-Encoding": "br"}, b"\x8b\x02\x80quota"),  # undecodable encoding
+        ({"Content-Encoding": "br"}, b"".join(encoded_stream("br", [b" " * (50 << 20), QUOTA_BODY]))),
+        ({"Content-Encoding": "zstd"}, b"".join(encoded_stream("zstd", [b" " * (50 << 20), QUOTA_BODY]))),
+        ({"Content-Encoding": "br"}, b"\x8b\x02\x80quota"),  # truncated brotli
+        ({"Content-Encoding": "zstd"}, encoded("zstd", QUOTA_BODY)[:-8]),  # truncated zstd
         ({}, BIG_NESTING),
     ],
     ids=["empty", "blank", "html", "garbage", "truncated json", "truncated gzip", "corrupt gzip",
-         "gzip bomb", "brotli", "deep nesting"],
+         "gzip bomb", "brotli bomb", "zstd bomb", "truncated brotli", "truncated zstd", "deep nesting"],
 )
 def test_unreadable_429_body_is_a_rate_limit(headers, payload):
     assert classify_response(429, headers, payload, now=NOW) == Verdict(
