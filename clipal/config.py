@@ -9,12 +9,14 @@ silently change which provider receives a user's requests.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
@@ -27,7 +29,29 @@ CONFIG_FILE = "config.yaml"
 #: Where a provider's key may be forced to go (SPEC §4.1).
 AUTH_CARRIERS = ("x-api-key", "authorization", "x-goog-api-key", "query")
 
-LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+#: Every log level name config.yaml and --log-level accept, with its :mod:`logging` level.
+#: "warning" is Python's spelling of warn: the same level, stored and shown as "warn".
+LOG_LEVELS: Mapping[str, int] = MappingProxyType({
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+})
+
+
+def _first_name_of_each_level() -> dict[int, str]:
+    names: dict[int, str] = {}
+    for name, number in LOG_LEVELS.items():
+        names.setdefault(number, name)
+    return names
+
+
+#: The name each level is stored and shown under: the first one declared for its number.
+_LEVEL_NAMES: Mapping[int, str] = MappingProxyType(_first_name_of_each_level())
+
+#: The levels as messages list them: debug, info, warn, error.
+LOG_LEVEL_NAMES: tuple[str, ...] = tuple(_LEVEL_NAMES.values())
 
 
 class ConfigError(ValueError):
@@ -195,10 +219,10 @@ def _duration(value: object) -> float:
 
 
 def _log_level(value: object) -> str:
-    level = _string(value).strip().lower()
-    if level not in LOG_LEVELS:
-        raise ValueError(f"must be one of debug, info, warn, error, got {value!r}")
-    return "warn" if level == "warning" else level
+    name = _string(value).strip().lower()
+    if name not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVEL_NAMES)}, got {value!r}")
+    return _LEVEL_NAMES[LOG_LEVELS[name]]
 
 
 def _listen_addr(value: object) -> str:
