@@ -7,12 +7,116 @@ or changing one is one edit.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from types import MappingProxyType
+from typing import Mapping, get_type_hints
 
 import pytest
 
 from clipal import logs
-from clipal.config import LOG_LEVEL_NAMES, LOG_LEVELS, parse_settings
+from clipal.config import (
+    LOG_LEVEL_NAMES,
+    LOG_LEVELS,
+    SETTINGS,
+    ConfigError,
+    Setting,
+    Settings,
+    check_settings,
+    parse_settings,
+    settings_class,
+)
+
+NAMES = [setting.name for setting in SETTINGS]
+DECLARED = {setting.name: setting for setting in SETTINGS}
+
+
+# --- one declaration per setting --------------------------------------------------------
+
+
+def test_setting_names_are_unique_and_are_the_dataclass_fields_in_order():
+    assert len(set(NAMES)) == len(NAMES)
+    assert [f.name for f in dataclasses.fields(Settings)] == NAMES
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=NAMES)
+def test_each_field_takes_its_type_and_default_from_the_declaration(setting):
+    (f,) = [f for f in dataclasses.fields(Settings) if f.name == setting.name]
+    assert f.type == get_type_hints(setting.check)["return"]
+    assert getattr(Settings(), setting.name) == setting.default
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=NAMES)
+def test_each_default_passes_its_own_check_unchanged(setting):
+    assert setting.check(setting.default) == setting.default
+    assert parse_settings({setting.name: setting.default}) == Settings()
+
+
+def test_config_yaml_accepts_exactly_the_declared_keys():
+    candidates = NAMES + ["colour", "Port", "log-level", "settings"]
+    accepted = []
+    for key in candidates:
+        try:
+            parse_settings({key: DECLARED[key].default if key in DECLARED else "x"})
+        except ConfigError as error:
+            assert f"unknown key {key!r}" in str(error)
+        else:
+            accepted.append(key)
+    assert accepted == NAMES
+
+
+def test_settings_stay_a_frozen_dataclass():
+    settings = Settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.port = 1  # type: ignore[misc]
+    changed = dataclasses.replace(settings, port=4444)
+    assert (changed.port, settings.port) == (4444, 3333)
+    assert changed != settings and type(changed) is Settings
+    assert "port (int, default 3333, needs a restart): port to listen on" in (Settings.__doc__ or "")
+
+
+# --- list- and mapping-valued settings (as later ones will be) -----------------------------
+
+
+def _tokens(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ValueError("must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _breaker(value: object) -> Mapping[str, int]:
+    if not isinstance(value, dict) or set(value) - {"failures", "window"}:
+        raise ValueError("must be a mapping with failures and window")
+    return MappingProxyType({"failures": 5, "window": 60, **value})
+
+
+TRIAL = (
+    DECLARED["port"],
+    Setting("access_tokens", _tokens, default=(), help="tokens clients must present"),
+    Setting("allowed_hosts", _tokens, default=["localhost"], help="a mutable default"),
+    Setting("circuit_breaker", _breaker, default=MappingProxyType({"failures": 5, "window": 60}),
+            help="when a provider is opened"),
+)
+
+
+def test_a_table_can_declare_list_and_mapping_settings_with_their_own_checkers():
+    trial = settings_class(TRIAL)
+    assert [f.name for f in dataclasses.fields(trial)] == ["port", "access_tokens", "allowed_hosts",
+                                                           "circuit_breaker"]
+    assert get_type_hints(trial)["access_tokens"] == tuple[str, ...]
+    default = trial()
+    assert (default.access_tokens, default.allowed_hosts, dict(default.circuit_breaker)) == (
+        (), ["localhost"], {"failures": 5, "window": 60})
+    assert trial().allowed_hosts is not default.allowed_hosts  # a mutable default is not shared
+
+    values = check_settings(TRIAL, {"access_tokens": ["a", "b"], "circuit_breaker": {"failures": 2}}, "t.yaml")
+    loaded = trial(**values)
+    assert loaded.access_tokens == ("a", "b") and dict(loaded.circuit_breaker) == {"failures": 2, "window": 60}
+    assert dataclasses.replace(loaded, port=4444).access_tokens == ("a", "b")
+    with pytest.raises(ConfigError, match=r"^t\.yaml: access_tokens must be a list of non-empty strings$"):
+        check_settings(TRIAL, {"access_tokens": "abc"}, "t.yaml")
+    with pytest.raises(ConfigError, match=r"^t\.yaml: circuit_breaker must be a mapping"):
+        check_settings(TRIAL, {"circuit_breaker": {"colour": 1}}, "t.yaml")
 
 
 # --- log levels ---------------------------------------------------------------------------
