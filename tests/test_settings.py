@@ -14,7 +14,7 @@ from typing import Mapping, get_type_hints
 
 import pytest
 
-from clipal import logs
+from clipal import app, logs, reload
 from clipal.config import (
     LOG_LEVEL_NAMES,
     LOG_LEVELS,
@@ -24,8 +24,10 @@ from clipal.config import (
     Settings,
     check_settings,
     parse_settings,
+    load_config,
     settings_class,
 )
+from conftest import write_yaml
 
 NAMES = [setting.name for setting in SETTINGS]
 DECLARED = {setting.name: setting for setting in SETTINGS}
@@ -73,6 +75,56 @@ def test_settings_stay_a_frozen_dataclass():
     assert (changed.port, settings.port) == (4444, 3333)
     assert changed != settings and type(changed) is Settings
     assert "port (int, default 3333, needs a restart): port to listen on" in (Settings.__doc__ or "")
+
+
+#: A valid value other than the default for every setting, as config.yaml would hold it.
+OTHER_VALUES = {
+    "listen_addr": "127.0.0.2", "port": 4444, "log_level": "debug", "reactivate_after": "30m",
+    "upstream_idle_timeout": "45s", "max_request_body_bytes": 1000, "log_dir": "/tmp/clipal-elsewhere",
+    "log_retention_days": 30, "log_stdout": False, "ignore_count_tokens_failover": True,
+}
+
+
+class _Recorder:
+    """Stands in for the clipal logger: keeps (level, line) pairs."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def _record(self, level: str, message: str, *args: object, **_: object) -> None:
+        self.lines.append((level, message % args))
+
+    def warning(self, message: str, *args: object, **kwargs: object) -> None:
+        self._record("warning", message, *args, **kwargs)
+
+    def info(self, message: str, *args: object, **kwargs: object) -> None:
+        self._record("info", message, *args, **kwargs)
+
+
+def test_a_reload_applies_every_setting_or_says_it_needs_a_restart(tmp_path, monkeypatch):
+    assert set(OTHER_VALUES) == set(NAMES), "give the new setting a value above"
+    assert [setting.name for setting in SETTINGS if setting.restart] == ["listen_addr", "port"]  # the socket's
+    log = _Recorder()
+    monkeypatch.setattr(reload, "get_logger", lambda: log)
+    monkeypatch.setattr(app, "apply_logging", lambda config: None)  # the process's logging stays as it is
+    runtime = app.Runtime(load_config(tmp_path))
+    write_yaml(tmp_path / "config.yaml", OTHER_VALUES)
+
+    assert reload.Reloader(runtime).reload()
+    warnings = [line for level, line in log.lines if level == "warning"]
+    (reloaded,) = [line for level, line in log.lines if level == "info"]
+    running = runtime.snapshot.config.settings
+    wanted = parse_settings(OTHER_VALUES)
+    for setting in SETTINGS:
+        if setting.restart:
+            assert f"config.yaml: {setting.name} changed to {getattr(wanted, setting.name)!r}; restart clipal " \
+                   "to apply it" in warnings
+            assert getattr(running, setting.name) == setting.default  # still what is served
+            assert f"{setting.name} =" not in reloaded
+        else:
+            assert f"config.yaml: {setting.name} = {getattr(wanted, setting.name)!r}" in reloaded
+            assert getattr(running, setting.name) == getattr(wanted, setting.name)
+    assert len(warnings) == sum(setting.restart for setting in SETTINGS)
 
 
 # --- list- and mapping-valued settings (as later ones will be) -----------------------------
