@@ -8,7 +8,10 @@ or changing one is one edit.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import subprocess
+import sys
 from types import MappingProxyType
 from typing import Mapping, get_type_hints
 
@@ -125,6 +128,28 @@ def test_a_reload_applies_every_setting_or_says_it_needs_a_restart(tmp_path, mon
             assert f"config.yaml: {setting.name} = {getattr(wanted, setting.name)!r}" in reloaded
             assert getattr(running, setting.name) == getattr(wanted, setting.name)
     assert len(warnings) == sum(setting.restart for setting in SETTINGS)
+
+
+# clipal.cli patches the process with gevent when imported, so it is asked in a child process.
+_CLI_PROBE = """
+import json, sys
+from clipal import cli
+parser = cli._parser()
+options = {action.option_strings[-1]: action.dest for action in parser._actions if action.option_strings}
+print(json.dumps({"options": options, "overrides": cli.flag_overrides(parser.parse_args(sys.argv[1:]))}))
+"""
+
+
+def test_every_command_line_flag_sets_a_declared_setting():
+    flagged = {setting.flag.option: setting.name for setting in SETTINGS if setting.flag is not None}
+    argv = [word for option, name in flagged.items() for word in (option, str(OTHER_VALUES[name]))]
+    result = subprocess.run([sys.executable, "-c", _CLI_PROBE, *argv], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    probe = json.loads(result.stdout)
+    others = {"--help": "help", "--config-dir": "config_dir", "--version": "version"}
+    assert probe["options"] == {**others, **flagged}
+    wanted = parse_settings(OTHER_VALUES)
+    assert probe["overrides"] == {name: getattr(wanted, name) for name in flagged.values()}
 
 
 # --- list- and mapping-valued settings (as later ones will be) -----------------------------
