@@ -29,7 +29,7 @@ from .clients import CLIENTS
 
 CONFIG_FILE = "config.yaml"
 
-#: Where a provider's key may be forced to go (SPEC §4.1).
+#: The values of a provider's auth_header: where its key goes instead of the client's usual place.
 AUTH_CARRIERS = ("x-api-key", "authorization", "x-goog-api-key", "query")
 
 #: Every log level name config.yaml and --log-level accept, with its :mod:`logging` level.
