@@ -71,7 +71,7 @@ class Reloader:
             if field not in self.runtime.overrides and getattr(new.settings, field) != getattr(old.settings, field):
                 log.warning("%s: %s changed to %r; restart clipal to apply it", CONFIG_FILE, field,
                             getattr(new.settings, field))
-        # listen_addr/port keep their running values in the snapshot: that is what is served,
+        # The restart-only settings keep their running values in the snapshot: that is what is served,
         # and what the next reload compares with (so a later edit still says "restart", and
         # putting the running values back does not).
         running = {field: getattr(old.settings, field) for field in _RESTART_ONLY}
