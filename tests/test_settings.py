@@ -1,8 +1,9 @@
 """Each global setting, and each log level, is declared once in clipal.config.
 
 What the rest of clipal knows about them (the Settings fields, the keys config.yaml
-accepts, the levels logging uses) must come from that one declaration, so adding
-or changing one is one edit.
+accepts, what a reload applies and what needs a restart, the command-line flags, the
+levels logging uses) must come from that one declaration, so adding or changing one
+is one edit.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from clipal.config import (
     Setting,
     Settings,
     check_settings,
-    parse_settings,
     load_config,
+    parse_settings,
     settings_class,
 )
 from conftest import write_yaml
