@@ -1,4 +1,4 @@
-"""The ``clipal`` command (SPEC §1).
+"""The ``clipal`` command.
 
 gevent must patch the standard library before anything imports sockets,
 ssl or requests, so the patch comes first in this module, which is the
@@ -12,9 +12,14 @@ monkey.patch_all()
 import argparse  # noqa: E402  (imports after patching, on purpose)
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .config import ConfigError, parse_settings  # noqa: E402
+from .config import SETTINGS, ConfigError, Flag, Setting, parse_settings  # noqa: E402
+
+#: Each setting that has a command-line flag, with its flag, in the order --help lists them.
+FLAGS: tuple[tuple[Setting[Any], Flag], ...] = tuple(
+    (setting, setting.flag) for setting in SETTINGS if setting.flag is not None)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,25 +30,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config-dir", metavar="DIR",
                         help="configuration directory (default: $CLIPAL_CONFIG_DIR or ~/.clipal)")
-    parser.add_argument("--listen-addr", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", metavar="N", help="port to listen on (default 3333)")
-    parser.add_argument("--log-level", metavar="LEVEL", help="debug, info, warn or error (default info)")
+    for setting, flag in FLAGS:
+        parser.add_argument(flag.option, dest=setting.name, metavar=flag.metavar,
+                            help=f"{setting.help} (default {setting.default})")
     parser.add_argument("--version", action="version", version=f"clipal {__version__}")
     return parser
 
 
-def flag_overrides(args: argparse.Namespace) -> dict:
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Command-line settings, validated by the same rules as config.yaml."""
-    raw = {}
-    if args.listen_addr is not None:
-        raw["listen_addr"] = args.listen_addr
-    if args.port is not None:
-        try:
-            raw["port"] = int(args.port)
-        except ValueError:
-            raw["port"] = args.port
-    if args.log_level is not None:
-        raw["log_level"] = args.log_level
+    raw: dict[str, object] = {}
+    for setting, flag in FLAGS:
+        text = getattr(args, setting.name)
+        if text is not None:
+            raw[setting.name] = flag.parse(text)
     settings = parse_settings(raw, file="command line")
     return {key: getattr(settings, key) for key in raw}
 

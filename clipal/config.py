@@ -9,13 +9,18 @@ silently change which provider receives a user's requests.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
+import logging
 import math
 import os
 import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from types import MappingProxyType
+from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar, get_type_hints
 from urllib.parse import urlsplit
 
 import yaml
@@ -24,10 +29,32 @@ from .clients import CLIENTS
 
 CONFIG_FILE = "config.yaml"
 
-#: Where a provider's key may be forced to go (SPEC §4.1).
+#: The values of a provider's auth_header: where its key goes instead of the client's usual place.
 AUTH_CARRIERS = ("x-api-key", "authorization", "x-goog-api-key", "query")
 
-LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+#: Every log level name config.yaml and --log-level accept, with its :mod:`logging` level.
+#: "warning" is Python's spelling of warn: the same level, stored and shown as "warn".
+LOG_LEVELS: Mapping[str, int] = MappingProxyType({
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+})
+
+
+def _first_name_of_each_level() -> dict[int, str]:
+    names: dict[int, str] = {}
+    for name, number in LOG_LEVELS.items():
+        names.setdefault(number, name)
+    return names
+
+
+#: The name each level is stored and shown under: the first one declared for its number.
+_LEVEL_NAMES: Mapping[int, str] = MappingProxyType(_first_name_of_each_level())
+
+#: The levels as messages list them: debug, info, warn, error.
+LOG_LEVEL_NAMES: tuple[str, ...] = tuple(_LEVEL_NAMES.values())
 
 
 class ConfigError(ValueError):
@@ -57,40 +84,6 @@ class Provider:
     priority: int = 1
     enabled: bool = True
     auth_header: str | None = None
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The global settings of config.yaml, with SPEC §2 defaults."""
-
-    listen_addr: str = "127.0.0.1"
-    port: int = 3333
-    log_level: str = "info"
-    reactivate_after: float = 3600.0
-    upstream_idle_timeout: float = 180.0
-    max_request_body_bytes: int = 32 * 1024 * 1024
-    log_dir: str = ""
-    log_retention_days: int = 7
-    log_stdout: bool = True
-    ignore_count_tokens_failover: bool = False
-
-
-@dataclass(frozen=True)
-class Config:
-    """One consistent snapshot of every file in the config directory."""
-
-    config_dir: Path
-    settings: Settings = field(default_factory=Settings)
-    #: client name -> providers in file order (all of them, enabled or not)
-    providers: Mapping[str, tuple[Provider, ...]] = field(default_factory=dict)
-
-    @property
-    def log_dir(self) -> Path:
-        return Path(self.settings.log_dir).expanduser() if self.settings.log_dir else self.config_dir / "logs"
-
-    def secrets(self) -> list[str]:
-        """Every provider key, for log redaction."""
-        return [p.api_key for ps in self.providers.values() for p in ps]
 
 
 # --- durations --------------------------------------------------------------
@@ -190,15 +183,11 @@ def _positive(value: object) -> int:
     return number
 
 
-def _duration(value: object) -> float:
-    return parse_duration(value)
-
-
 def _log_level(value: object) -> str:
-    level = _string(value).strip().lower()
-    if level not in LOG_LEVELS:
-        raise ValueError(f"must be one of debug, info, warn, error, got {value!r}")
-    return "warn" if level == "warning" else level
+    name = _string(value).strip().lower()
+    if name not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVEL_NAMES)}, got {value!r}")
+    return _LEVEL_NAMES[LOG_LEVELS[name]]
 
 
 def _listen_addr(value: object) -> str:
@@ -215,18 +204,132 @@ def _type_name(value: object) -> str:
             list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
 
 
-_SETTINGS_FIELDS = {
-    "listen_addr": _listen_addr,
-    "port": _port,
-    "log_level": _log_level,
-    "reactivate_after": _duration,
-    "upstream_idle_timeout": _duration,
-    "max_request_body_bytes": _positive,
-    "log_dir": _string,
-    "log_retention_days": _non_negative,
-    "log_stdout": _boolean,
-    "ignore_count_tokens_failover": _boolean,
-}
+# --- the settings of config.yaml -------------------------------------------------------
+# Each setting is one Setting in SETTINGS; everything else is made from that table:
+# the Settings dataclass, the keys parse_settings accepts and how it checks them,
+# what a reload reports and which settings it says need a restart, the command-line
+# flags. A new setting is one more entry (a list- or mapping-valued one needs only a
+# checker returning that value, and any default: a mutable one is copied per Settings).
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """The command-line option that also sets a setting, winning over config.yaml."""
+
+    option: str
+    metavar: str
+    #: What the setting's checker is given for the option's text, as if read from YAML.
+    parse: Callable[[str], object] = str
+
+
+@dataclass(frozen=True)
+class Setting(Generic[T]):
+    """One key of config.yaml, declared once."""
+
+    name: str
+    #: Takes the raw YAML value and returns the typed one, or raises ValueError with a
+    #: message that completes "<name> ...". Its return annotation is the field's type.
+    check: Callable[[object], T]
+    default: T
+    #: One line, as --help shows it.
+    help: str
+    #: Only takes effect when the listening socket is reopened, so a reload cannot apply it.
+    restart: bool = False
+    flag: Flag | None = None
+    #: ``key:`` with no value means the default instead of being an error.
+    blank_means_default: bool = False
+
+    @property
+    def type(self) -> Any:
+        return get_type_hints(self.check).get("return", Any)
+
+
+def _integer_text(text: str) -> object:
+    """A flag's text as an integer when it reads as one; otherwise as given, for the checker to name."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _or_list(names: tuple[str, ...]) -> str:
+    """``a, b or c`` (two names or more)."""
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+SETTINGS: tuple[Setting[Any], ...] = (
+    Setting("listen_addr", _listen_addr, default="127.0.0.1", help="address to listen on", restart=True,
+            flag=Flag("--listen-addr", "ADDR")),
+    Setting("port", _port, default=3333, help="port to listen on", restart=True,
+            flag=Flag("--port", "N", parse=_integer_text)),
+    Setting("log_level", _log_level, default="info", help=_or_list(LOG_LEVEL_NAMES),
+            flag=Flag("--log-level", "LEVEL")),
+    Setting("reactivate_after", parse_duration, default=3600.0,
+            help="how long a provider stays deactivated after an auth, billing or quota error (0 = never)"),
+    Setting("upstream_idle_timeout", parse_duration, default=180.0,
+            help="longest wait for an upstream's response headers or its next body bytes (0 = no limit)"),
+    Setting("max_request_body_bytes", _positive, default=32 * 1024 * 1024,
+            help="largest request body accepted, in bytes"),
+    # `log_dir:` with nothing after it, as an example file may leave it, is the default too.
+    Setting("log_dir", _string, default="", help="directory of the daily log files (empty = <config dir>/logs)",
+            blank_means_default=True),
+    Setting("log_retention_days", _non_negative, default=7, help="days a log file is kept (0 = forever)"),
+    Setting("log_stdout", _boolean, default=True, help="also write log lines to stdout"),
+    Setting("ignore_count_tokens_failover", _boolean, default=False,
+            help="Claude Code's count_tokens requests fail over on their own, leaving the conversation's provider"),
+)
+
+
+def _copy_of(value: T) -> T:
+    """Each Settings' own copy of a mutable default; a read-only mapping is shared as it is."""
+    return value if isinstance(value, MappingProxyType) else copy.deepcopy(value)
+
+
+def _field_of(setting: Setting[Any]) -> Any:
+    if type(setting.default).__hash__ is None:  # a list or mapping: dataclasses take those only from a factory
+        return field(default_factory=functools.partial(_copy_of, setting.default))
+    return field(default=setting.default)
+
+
+def _type_text(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).removeprefix("typing.")
+
+
+def settings_class(table: Sequence[Setting[Any]], name: str = "Settings") -> type:
+    """A frozen dataclass with a field per setting: its name, its checker's type, its default.
+
+    The docstring lists them, so ``help(Settings)`` shows each field's type and meaning.
+    """
+    doc = f"The global settings of {CONFIG_FILE}, one field per declaration:\n\n" + "\n".join(
+        f"{s.name} ({_type_text(s.type)}, default {s.default!r}{', needs a restart' if s.restart else ''}): {s.help}"
+        for s in table)
+    cls = dataclasses.make_dataclass(name, [(s.name, s.type, _field_of(s)) for s in table], frozen=True,
+                                     namespace={"__doc__": doc})
+    cls.__module__ = __name__
+    return cls
+
+
+Settings = settings_class(SETTINGS)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One consistent snapshot of every file in the config directory."""
+
+    config_dir: Path
+    settings: Settings = field(default_factory=Settings)
+    #: client name -> providers in file order (all of them, enabled or not)
+    providers: Mapping[str, tuple[Provider, ...]] = field(default_factory=dict)
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.settings.log_dir).expanduser() if self.settings.log_dir else self.config_dir / "logs"
+
+    def secrets(self) -> list[str]:
+        """Every provider key, for log redaction."""
+        return [p.api_key for ps in self.providers.values() for p in ps]
 
 
 def _check_base_url(value: object) -> str:
@@ -296,23 +399,33 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(path.name, f"is not valid YAML{where}: {problem}") from None
 
 
-def parse_settings(document: Any, file: str = CONFIG_FILE) -> Settings:
+def check_settings(table: Sequence[Setting[Any]], document: Any, file: str) -> dict[str, Any]:
+    """The values ``document`` sets, each checked by its declaration in ``table``.
+
+    Keys left out (or blank where that means the default) are left out of the result.
+    Raises :class:`ConfigError` for an unknown key or a value its checker refuses.
+    """
     if document is None:
-        return Settings()
+        return {}
     if not isinstance(document, dict):
         raise ConfigError(file, f"must be a mapping of settings, got {_type_name(document)}")
+    declared = {setting.name: setting for setting in table}
     values: dict[str, Any] = {}
     for key, raw in document.items():
-        checker = _SETTINGS_FIELDS.get(key)
-        if checker is None:
+        setting = declared.get(key)
+        if setting is None:
             raise ConfigError(file, f"unknown key {key!r}")
-        if raw is None and key == "log_dir":
-            raw = ""  # `log_dir:` with no value means the default, as in the seed's example
+        if raw is None and setting.blank_means_default:
+            continue
         try:
-            values[key] = checker(raw)
+            values[key] = setting.check(raw)
         except ValueError as exc:
             raise ConfigError(file, f"{key} {exc}") from None
-    return Settings(**values)
+    return values
+
+
+def parse_settings(document: Any, file: str = CONFIG_FILE) -> Settings:
+    return Settings(**check_settings(SETTINGS, document, file))
 
 
 def parse_providers(document: Any, file: str) -> tuple[Provider, ...]:

@@ -1,4 +1,4 @@
-"""Hot reload (SPEC §5): watch the config directory and apply valid changes at once.
+"""Hot reload: watch the config directory and apply valid changes at once.
 
 The watcher (:mod:`clipal.watch`) only says "something changed"; this module
 loads and validates everything, then swaps the runtime's snapshot in one
@@ -13,12 +13,12 @@ import gevent
 
 from .runtime import Runtime, warn_about_permissions
 from .clients import CLIENTS
-from .config import CONFIG_FILE, Config, ConfigError, load_config
+from .config import CONFIG_FILE, SETTINGS, Config, ConfigError, load_config
 from .logs import get_logger
 from .watch import DirectoryWatcher
 
 #: Settings that only take effect when the listening socket is reopened.
-_RESTART_ONLY = ("listen_addr", "port")
+_RESTART_ONLY = tuple(setting.name for setting in SETTINGS if setting.restart)
 
 #: How often a reload refused because a file was not readable is tried again.
 UNREADABLE_RETRY = 1.0
@@ -33,8 +33,8 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         if old.providers.get(client.name) != new.providers.get(client.name):
             lines.append(f"{client.file}: providers {', '.join(after) or '(none)'}"
                          + (f" (were {', '.join(before) or 'none'})" if before != after else " (settings changed)"))
-    for field in ("log_level", "reactivate_after", "upstream_idle_timeout", "max_request_body_bytes",
-                  "log_dir", "log_retention_days", "log_stdout", "ignore_count_tokens_failover"):
+    # A restart-only setting is never a change a reload made: Reloader.reload warns about it instead.
+    for field in (setting.name for setting in SETTINGS if not setting.restart):
         if getattr(old.settings, field) != getattr(new.settings, field):
             lines.append(f"{CONFIG_FILE}: {field} = {getattr(new.settings, field)!r}")
     return lines
@@ -71,7 +71,7 @@ class Reloader:
             if field not in self.runtime.overrides and getattr(new.settings, field) != getattr(old.settings, field):
                 log.warning("%s: %s changed to %r; restart clipal to apply it", CONFIG_FILE, field,
                             getattr(new.settings, field))
-        # listen_addr/port keep their running values in the snapshot: that is what is served,
+        # The restart-only settings keep their running values in the snapshot: that is what is served,
         # and what the next reload compares with (so a later edit still says "restart", and
         # putting the running values back does not).
         running = {field: getattr(old.settings, field) for field in _RESTART_ONLY}
