@@ -1,4 +1,4 @@
-"""What an upstream answer means for failover (SPEC §4.3): pure functions, no I/O.
+"""What an upstream answer means for failover: pure functions, no I/O.
 
 The failover engine hands over what it saw of an attempt - status, headers,
 the first (bounded) body bytes, or the first SSE event of a 2xx stream - and
@@ -7,18 +7,18 @@ next provider, possibly deactivating this one or cooling it down for a time
 the upstream hinted at. Nothing here does I/O, logs or reads the clock, so each
 rule can be tested on its own and lives in exactly one place.
 
-Statuses. The SPEC lists exactly which statuses fail over; on top of it:
+Statuses. 401, 402, 403, 408, 429, 500, 502, 503, 504 and 529 fail over
+(:data:`FAILOVER_STATUSES`); everything else is the provider's answer and goes
+back to the client as is. In particular:
 
 * 501, 505 and other unlisted 5xx are returned as is. 501 means "this
   endpoint is not implemented here" and 505 is a protocol mismatch: both are
-  answers about the request, like the 404 the SPEC already returns, and
-  walking every provider would only hide the real answer behind a 503.
-* Cloudflare's 520-524 ("origin down") are returned as is, as the SPEC's
-  table says. Failing over on them would arguably serve users better (many
-  relay providers sit behind Cloudflare); that is a SPEC question, not a
-  silent extension here.
+  answers about the request, like a 404, and walking every provider would
+  only hide the real answer behind a 503.
+* Cloudflare's 520-524 ("origin down") are returned as is for now.
 * An ``overloaded_error`` body on a failing 5xx is classified as OVERLOADED,
-  not SERVER_ERROR, so that §4.4 answers 429 (come back soon) rather than 503.
+  not SERVER_ERROR, so that the answer when nothing is left is 429 (come back
+  soon) rather than 503.
 
 429 bodies, in precedence order (first match wins):
 
@@ -75,7 +75,7 @@ __all__ = [
 
 
 class Kind(str, Enum):
-    """Why an attempt failed over; the engine uses it for §4.4's answer."""
+    """Why an attempt failed over; the engine uses it for the answer when nothing is left."""
 
     AUTH = "auth"  # 401/403, auth-like 429 -> deactivate
     BILLING = "billing"  # 402 -> deactivate
@@ -293,7 +293,7 @@ def classify_sse_error(event: bytes, *, now: float) -> Verdict | None:
 
 
 def _decide(status: int, info: _ErrorInfo, hint: float | None) -> Verdict:
-    """The §4.3 table: one status plus what its body says -> a verdict."""
+    """The failover table: one status plus what its body says -> a verdict."""
     if status in (401, 403):
         return Verdict(True, Kind.AUTH, True, hint, f"auth error ({status})")
     if status == 402:

@@ -1,6 +1,6 @@
 """One attempt against one provider, up to the commit point, and the stream after it.
 
-:func:`send` sends the request and waits for what SPEC §4.5 calls the commit
+:func:`send` sends the request and waits for what clipal calls the commit
 point: the response headers *and* the first body bytes (or the first whole
 event of an SSE stream, so an error event can still fail over). Any failure
 before that raises :class:`AttemptFailed` with a verdict for the failover

@@ -11,8 +11,8 @@ at start and at each day change.
 No API key may ever reach a log line, whoever wrote the message: the formatter
 redacts the final text (message, traceback and all) with :mod:`clipal.redact`.
 
-Only the standard library is used, and nothing here touches sockets, so importing it
-before gevent's monkey-patching is harmless.
+Nothing here touches sockets, so importing it before gevent's monkey-patching is
+harmless.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from .config import LOG_LEVEL_NAMES, LOG_LEVELS
 from .redact import REDACTOR, Redactor
 
 __all__ = [
@@ -44,22 +45,13 @@ __all__ = [
 
 LOGGER_NAME = "clipal"
 
-_LEVELS: dict[str, int] = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warn": logging.WARNING,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
-
-
 def parse_level(name: str) -> int:
     """Map a config level name (debug/info/warn/warning/error) to a logging level."""
     try:
-        return _LEVELS[name.strip().lower()]
+        return LOG_LEVELS[name.strip().lower()]
     except (KeyError, AttributeError):
         raise ValueError(
-            f"unknown log level {name!r}; expected one of debug, info, warn, error"
+            f"unknown log level {name!r}; expected one of {', '.join(LOG_LEVEL_NAMES)}"
         ) from None
 
 

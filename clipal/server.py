@@ -21,7 +21,7 @@ from gevent.pywsgi import OldMessage, WSGIHandler, WSGIServer
 from .headerparse import parse_headers
 from .logs import get_logger
 
-#: How long in-flight responses may take to finish after SIGTERM/SIGINT (SPEC §1).
+#: How long in-flight responses may take to finish after SIGTERM/SIGINT.
 SHUTDOWN_GRACE = 5.0
 #: A first body write up to this size is sent together with the response headers.
 COALESCE_LIMIT = 64 * 1024
