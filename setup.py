@@ -22,6 +22,7 @@ setup(
     install_requires=[
         "gevent>=23.9",
         "requests>=2.31",
+        "urllib3>=2,<3",  # imported directly (clipal.transport); requests still admits 1.x
         "Flask>=3.0",
         "PyYAML>=6.0",
         "packaging>=23",

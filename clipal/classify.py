@@ -67,6 +67,7 @@ __all__ = [
     "Verdict",
     "MAX_COOLDOWN",
     "RETURN",
+    "classify_answer",
     "classify_response",
     "classify_sse_error",
     "provider_failure",
@@ -246,6 +247,20 @@ _NO_ERROR = _ErrorInfo("", "", "", None, (), (), "", False)
 
 
 # --------------------------------------------------------------------------- public
+
+
+def classify_answer(status: int, headers: Mapping[str, str], body: bytes, event: bytes | None, *,
+                    now: float) -> Verdict:
+    """What an attempt saw at its commit point -> return it to the client, or try the next provider.
+
+    ``body`` is the (bounded) body read for a status that may fail over;
+    ``event`` the first SSE event of a 2xx stream (decoded), or None.
+    """
+    if status in FAILOVER_STATUSES:
+        return classify_response(status, headers, body, now=now)
+    if event is not None:
+        return classify_sse_error(event, now=now) or RETURN
+    return RETURN
 
 
 def classify_response(status: int, headers: Mapping[str, str], body: bytes, *, now: float) -> Verdict:

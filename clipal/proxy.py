@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import time
 from typing import Iterator
 from urllib.parse import quote
@@ -19,7 +20,7 @@ from flask import Response
 
 from . import forward
 from .clientwatch import ClientGone, ClientWatch, client_socket
-from .classify import Kind, provider_failure
+from .classify import Kind, Verdict, classify_answer, provider_failure
 from .clients import ClientKind
 from .config import Provider, format_duration
 from .failover import ProviderPool
@@ -27,6 +28,7 @@ from .logs import get_logger
 from .outbound import build_upstream_request, client_credentials
 from .redact import add_secret
 from .runtime import Snapshot
+from .transport import describe_error
 
 
 class StreamAborted(ConnectionResetError):
@@ -181,8 +183,13 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
             try:
                 with watch.guard():
                     ready = forward.send(session, request, body, settings.upstream_idle_timeout)
-            except forward.AttemptFailed as failure:
-                _record_failure(log, pool, provider, failure, lane)
+            except forward.NetworkFailure as failure:
+                _record_failure(log, pool, provider, provider_failure(failure.reason, failure.kind), lane)
+                continue
+            verdict = classify_answer(ready.status, ready.upstream_headers, ready.first, ready.event, now=time.time())
+            if verdict.failover:
+                ready.close()
+                _record_failure(log, pool, provider, verdict, lane)
                 continue
             pool.succeeded(provider, lane)
             relay = _Relay(client, provider, ready, watch, settings.upstream_idle_timeout, pool, lane)
@@ -201,8 +208,8 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
                           retry_after=unavailable.retry_after)
 
 
-def _record_failure(log, pool: ProviderPool, provider: Provider, failure: forward.AttemptFailed, lane: str) -> None:
-    verdict = failure.verdict
+def _record_failure(log: logging.LoggerAdapter, pool: ProviderPool, provider: Provider, verdict: Verdict,
+                    lane: str) -> None:
     outage = pool.failed(provider, verdict, lane)
     if verdict.deactivate and outage is not None:
         log.error("provider %s deactivated for %s: %s", provider.name,
@@ -278,7 +285,7 @@ class _Relay:
             log.warning("upstream %s %s; %s", self.provider.name, stalled, self._failed(stalled, Kind.TIMEOUT))
             raise StreamAborted("upstream stalled") from None
         except Exception as exc:  # any break in the upstream stream: the client must see it as broken
-            broke = f"broke after {sent} bytes ({forward.describe_error(exc)})"
+            broke = f"broke after {sent} bytes ({describe_error(exc)})"
             log.warning("upstream %s %s; %s", self.provider.name, broke, self._failed(broke, Kind.SERVER_ERROR))
             raise StreamAborted("upstream broke") from None
         finally:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import requests
 
-from . import forward
+from . import transport
 from .config import Config, config_files
 from .failover import FailoverState
 from .logs import configure_logging, warn_if_readable_by_others
@@ -37,7 +37,7 @@ class Runtime:
 
     def __init__(self, config: Config, overrides: Mapping[str, Any] | None = None) -> None:
         self.overrides = dict(overrides or {})
-        self.session: requests.Session = forward.new_session()
+        self.session: requests.Session = transport.new_session()
         self.snapshot = self._build(config)
 
     def _build(self, config: Config) -> Snapshot:

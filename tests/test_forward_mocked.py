@@ -1,8 +1,9 @@
 """One attempt (clipal.forward.send) against mocked upstream replies (`responses`).
 
-Unit-level: the success path reaches the commit point with status, headers
-and first bytes; failover statuses and network errors raise AttemptFailed
-with the classifier's verdict; hop-by-hop response headers are dropped and
+Unit-level: every answer reaches the commit point with status, headers and
+what clipal read of it (the bounded error body, or the first SSE event), and
+the classifier's verdict on that is what the attempt loop acts on; network
+errors raise NetworkFailure; hop-by-hop response headers are dropped and
 content encoding is left alone. The live tests cover the real sockets.
 """
 
@@ -16,8 +17,8 @@ import pytest
 import requests
 import responses
 
-from clipal import forward
-from clipal.classify import classify_response
+from clipal import forward, transport
+from clipal.classify import Kind, classify_answer, classify_response
 from clipal.outbound import UpstreamRequest
 
 URL = "https://api.example.com/v1/messages"
@@ -28,7 +29,15 @@ def request(method: str = "POST", url: str = URL, headers=None) -> UpstreamReque
 
 
 def attempt(body: bytes = b'{"model":"m"}', method: str = "POST", **kwargs) -> forward.Ready:
-    return forward.send(forward.new_session(), request(method, **kwargs), body, 5.0)
+    return forward.send(transport.new_session(), request(method, **kwargs), body, 5.0)
+
+
+def judged(ready: forward.Ready):
+    """The verdict the attempt loop reaches on what the attempt saw (the response is closed)."""
+    try:
+        return classify_answer(ready.status, ready.upstream_headers, ready.first, ready.event, now=time.time())
+    finally:
+        ready.close()
 
 
 def whole_body(ready: forward.Ready) -> bytes:
@@ -75,9 +84,7 @@ def test_an_sse_error_as_first_event_fails_over():
     error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
     events = b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
     responses.add(responses.POST, URL, body=events, status=200, headers={"Content-Type": "text/event-stream"})
-    with pytest.raises(forward.AttemptFailed) as info:
-        attempt()
-    assert info.value.verdict.failover
+    assert judged(attempt()).failover
 
 
 @pytest.mark.parametrize("status, body, headers", [
@@ -90,14 +97,14 @@ def test_an_sse_error_as_first_event_fails_over():
     (529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, {}),
 ])
 @responses.activate
-def test_failover_status_raises_attempt_failed_with_the_classifiers_verdict(status, body, headers):
+def test_a_failover_status_is_read_for_the_classifiers_verdict(status, body, headers):
     data = json.dumps(body).encode()
     responses.add(responses.POST, URL, body=data, status=status,
                   headers={"Content-Type": "application/json", **headers})
-    with pytest.raises(forward.AttemptFailed) as info:
-        attempt()
+    ready = attempt()
+    assert ready.first == data  # the whole (small) error body was read before deciding
+    verdict = judged(ready)
     expected = classify_response(status, {"Content-Type": "application/json", **headers}, data, now=time.time())
-    verdict = info.value.verdict
     assert verdict.failover is True
     assert (verdict.kind, verdict.deactivate) == (expected.kind, expected.deactivate)
     if expected.cooldown:
@@ -112,9 +119,7 @@ def test_a_gzip_429_is_decoded_for_classification_only():
                                               "code": "insufficient_quota"}}).encode())
     responses.add(responses.POST, URL, body=body, status=429,
                   headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
-    with pytest.raises(forward.AttemptFailed) as info:
-        attempt()
-    assert info.value.verdict.deactivate is True
+    assert judged(attempt()).deactivate is True
 
 
 @pytest.mark.parametrize("status", [400, 404, 413, 422])
@@ -133,12 +138,11 @@ def test_client_errors_are_returned_as_they_are(status):
     requests.exceptions.ChunkedEncodingError("broken"),
 ])
 @responses.activate
-def test_network_errors_raise_attempt_failed(error):
+def test_network_errors_raise_network_failure(error):
     responses.add(responses.POST, URL, body=error)
-    with pytest.raises(forward.AttemptFailed) as info:
+    with pytest.raises(forward.NetworkFailure) as info:
         attempt()
-    assert info.value.verdict.failover is True
-    assert info.value.verdict.deactivate is False
+    assert info.value.kind is Kind.SERVER_ERROR and info.value.reason
 
 
 @responses.activate
@@ -183,6 +187,6 @@ def test_network_error_reasons_name_the_socket_level_cause_not_the_url():
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]  # bound, never listening: connections are refused
         url = f"http://127.0.0.1:{closed_port}/v1/responses?key=sk-provider-secret-123456"
-        with pytest.raises(forward.AttemptFailed) as failure:
-            forward.send(forward.new_session(), request(url=url), b"{}", 5.0)
-    assert failure.value.verdict.reason == "connection failed: Connection refused"
+        with pytest.raises(forward.NetworkFailure) as failure:
+            forward.send(transport.new_session(), request(url=url), b"{}", 5.0)
+    assert failure.value.reason == "connection failed: Connection refused"
