@@ -16,7 +16,8 @@ from flask import Flask, Response, request
 from . import proxy
 from .blueprints import RUNTIME, client_blueprint
 from .clients import CLIENTS
-from .config import Config, load_config
+from .access import is_loopback_address
+from .config import CONFIG_FILE, Config, load_config
 from .logs import get_logger
 from .runtime import Runtime, apply_logging, warn_about_permissions
 
@@ -41,6 +42,16 @@ class ClipalFlask(Flask):
         return adapter
 
 
+def warn_if_open_to_the_network(config: Config) -> None:
+    """Listening beyond this machine without access tokens: say what clipal will do about it."""
+    settings = config.settings
+    if settings.access_tokens or settings.listen_addr.lower() == "localhost" \
+            or is_loopback_address(settings.listen_addr):
+        return
+    get_logger().warning("listening on %s without access_tokens: only this machine is served (other peers get "
+                         "403) until access_tokens are set in %s", settings.listen_addr, CONFIG_FILE)
+
+
 def create_app(config_dir: Path | str | None = None, *, config: Config | None = None,
                overrides: Mapping[str, Any] | None = None, watch: bool = True) -> Flask:
     """Build the app for ``config_dir`` (default: $CLIPAL_CONFIG_DIR or ~/.clipal).
@@ -56,6 +67,7 @@ def create_app(config_dir: Path | str | None = None, *, config: Config | None = 
     apply_logging(runtime.snapshot.config)
     log = get_logger()
     warn_about_permissions(config)
+    warn_if_open_to_the_network(runtime.snapshot.config)
     for client in CLIENTS:
         names = [p.name for p in runtime.snapshot.state.pool(client.name).providers]
         if names:

@@ -10,18 +10,54 @@ surfaces clipal's errors as ordinary API errors.
 
 from __future__ import annotations
 
+import time
+
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from . import proxy
+from . import access, proxy
 from .clients import ClientKind
 from .logs import get_logger
+from .outbound import client_credentials
 from .runtime import Runtime
 
 #: Every HTTP method is forwarded; Flask must not answer OPTIONS or HEAD itself.
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 #: Where the app keeps its :class:`Runtime` (``app.extensions[RUNTIME]``).
 RUNTIME = "clipal"
+#: The environ keys of the headers that can carry a client credential (an access token).
+_CREDENTIAL_ENVIRON = (("Authorization", "HTTP_AUTHORIZATION"), ("x-api-key", "HTTP_X_API_KEY"),
+                       ("x-goog-api-key", "HTTP_X_GOOG_API_KEY"))
+
+
+class RefusalLog:
+    """Says that a peer was refused at most once a minute, so a scanner cannot flood the log."""
+
+    INTERVAL = 60.0
+    LIMIT = 4096  # peers remembered; past that the table starts over
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+
+    def should_log(self, peer: str, now: float) -> bool:
+        last = self._last.get(peer)
+        if last is not None and now - last < self.INTERVAL:
+            return False
+        if len(self._last) >= self.LIMIT:
+            self._last.clear()
+        self._last[peer] = now
+        return True
+
+
+_refusals = RefusalLog()
+
+
+def access_decision(environ: dict, policy: access.AccessPolicy) -> access.Allowed | access.Refused:
+    """The access rule for one request, from its environ, before anything of its body is read."""
+    headers = [(name, environ[key]) for name, key in _CREDENTIAL_ENVIRON if key in environ]
+    credentials = [c.value for c in client_credentials(headers, environ.get("QUERY_STRING", ""))]
+    return access.check(policy, peer=environ.get("REMOTE_ADDR", ""), host=environ.get("HTTP_HOST", ""),
+                        origin=environ.get("HTTP_ORIGIN"), credentials=credentials)
 
 
 def current_runtime() -> Runtime:
@@ -32,6 +68,22 @@ def client_blueprint(client: ClientKind) -> Blueprint:
     """The Blueprint that serves ``client`` under its prefix."""
     blueprint = Blueprint(client.name, __name__, url_prefix=client.prefix)
     log = get_logger(client.name)
+
+    @blueprint.before_request
+    def check_access() -> Response | None:
+        # Before the body is read and before any provider is contacted: a
+        # refused request costs the owner nothing, and comes before a 413.
+        environ = request.environ
+        decision = access_decision(environ, current_runtime().snapshot.access)
+        if isinstance(decision, access.Allowed):
+            environ[proxy.TOKEN_NAME] = decision.token_name
+            return None
+        peer = environ.get("REMOTE_ADDR", "") or "a local socket"
+        if _refusals.should_log(peer, time.monotonic()):
+            log.warning("refused %s %s from %s with %d: %s (further refusals of this peer are not logged "
+                        "for a minute)", environ.get("REQUEST_METHOD"), request.path, peer, decision.status,
+                        decision.reason)
+        return proxy.error_response(client, decision.status, decision.message)
 
     @blueprint.before_request
     def refuse_websocket() -> Response | None:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .access import AccessToken
 from .clients import CLIENTS
 
 CONFIG_FILE = "config.yaml"
@@ -197,6 +198,56 @@ def _listen_addr(value: object) -> str:
     return addr
 
 
+#: Access tokens are secrets a client types into its key setting; shorter ones are guessable.
+MIN_TOKEN_LENGTH = 16
+
+
+def _access_tokens(value: object) -> tuple[AccessToken, ...]:
+    """``access_tokens``: token strings (named token-1, token-2, ... by position) or {name, token}.
+
+    Messages name an item by its position, never by its token.
+    """
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"must be a list of tokens, got {_type_name(value)}")
+    tokens: list[AccessToken] = []
+    for position, item in enumerate(value, start=1):
+        where = f"item {position}"
+        if isinstance(item, AccessToken):  # already checked (a default, or a value passed back in)
+            name, token = item.name, item.token
+        elif isinstance(item, str):
+            name, token = f"token-{position}", item
+        elif isinstance(item, dict):
+            unknown = sorted(set(map(str, item)) - {"name", "token"})
+            if unknown:
+                raise ValueError(f"{where}: unknown key {unknown[0]!r} (use name and token)")
+            if not isinstance(item.get("name"), str) or not item["name"].strip():
+                raise ValueError(f"{where}: name is required (a string)")
+            if not isinstance(item.get("token"), str):
+                raise ValueError(f"{where}: token is required (a string)")
+            name, token = item["name"].strip(), item["token"]
+        else:
+            raise ValueError(f"{where} must be a token string or a {{name, token}} mapping, got {_type_name(item)}")
+        token = token.strip()
+        if any(ch.isspace() or not ch.isprintable() for ch in token):
+            raise ValueError(f"{where}: the token must not contain whitespace or control characters")
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"{where}: the token must be at least {MIN_TOKEN_LENGTH} characters")
+        for earlier_position, earlier in enumerate(tokens, start=1):
+            if earlier.token == token:
+                raise ValueError(f"{where}: duplicate token (the same as item {earlier_position})")
+            if earlier.name == name:
+                raise ValueError(f"{where}: duplicate name {_printable(name)!r}")
+        tokens.append(AccessToken(name, token))
+    return tuple(tokens)
+
+
+def _names(value: object) -> tuple[str, ...]:
+    """A list of non-empty strings (origins, host names)."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item.strip() for item in value):
+        raise ValueError("must be a list of non-empty strings")
+    return tuple(item.strip() for item in value)
+
+
 def _type_name(value: object) -> str:
     if value is None:
         return "nothing"
@@ -279,6 +330,12 @@ SETTINGS: tuple[Setting[Any], ...] = (
     Setting("log_stdout", _boolean, default=True, help="also write log lines to stdout"),
     Setting("ignore_count_tokens_failover", _boolean, default=False,
             help="Claude Code's count_tokens requests fail over on their own, leaving the conversation's provider"),
+    Setting("access_tokens", _access_tokens, default=(),
+            help="who may use clipal: each client sends one as its API key (none = only this machine)"),
+    Setting("allowed_origins", _names, default=(),
+            help="browser origins (Origin header) served; requests from any other web page get 403"),
+    Setting("allowed_hosts", _names, default=(),
+            help="Host names served besides loopback and localhost when no access_tokens are set"),
 )
 
 
@@ -328,8 +385,9 @@ class Config:
         return Path(self.settings.log_dir).expanduser() if self.settings.log_dir else self.config_dir / "logs"
 
     def secrets(self) -> list[str]:
-        """Every provider key, for log redaction."""
-        return [p.api_key for ps in self.providers.values() for p in ps]
+        """Every provider key and access token, for log redaction."""
+        return [p.api_key for ps in self.providers.values() for p in ps] + \
+            [t.token for t in self.settings.access_tokens]
 
 
 def _check_base_url(value: object) -> str:

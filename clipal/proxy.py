@@ -20,6 +20,7 @@ from flask import Response
 
 from . import forward
 from .clientwatch import ClientGone, ClientWatch, client_socket
+from .access import is_loopback_address
 from .classify import Kind, Verdict, classify_answer, provider_failure
 from .clients import ClientKind
 from .config import Provider, format_duration
@@ -161,7 +162,9 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
 
     pool = snapshot.state.pool(client.name)
     if not pool.providers:
-        path = snapshot.config.config_dir / client.file
+        # The whole path helps the owner at this machine; a caller elsewhere learns only the file name.
+        local = is_loopback_address(environ.get("REMOTE_ADDR", ""))
+        path = snapshot.config.config_dir / client.file if local else client.file
         return error_response(client, 503, f"clipal has no enabled providers for {client.name}: "
                                            f"add one to {path}", retry_after=1)
 
@@ -193,6 +196,7 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
                 continue
             pool.succeeded(provider, lane)
             relay = _Relay(client, provider, ready, watch, settings.upstream_idle_timeout, pool, lane)
+            relay.token_name = environ.get(TOKEN_NAME)
             watch = None  # the relay owns it now
             return relay.response()
     except ClientGone:
@@ -221,6 +225,10 @@ def _record_failure(log: logging.LoggerAdapter, pool: ProviderPool, provider: Pr
         log.warning("provider %s failed: %s; trying next", provider.name, verdict.reason)
 
 
+#: The environ key under which the access check leaves the name of the token a request carried.
+TOKEN_NAME = "clipal.token_name"
+
+
 class _Relay:
     """Streams a committed upstream response to the client and cleans up after it.
 
@@ -238,6 +246,8 @@ class _Relay:
         self.idle_timeout = idle_timeout
         self.pool = pool
         self.lane = lane
+        #: the access token's name, for the completion line (None without access tokens)
+        self.token_name: str | None = None
 
     def _failed(self, reason: str, kind: Kind) -> str:
         """A stall or break after the commit point: the provider failed, as a failed attempt does.
@@ -276,8 +286,9 @@ class _Relay:
                     break
                 sent += len(chunk)
                 yield chunk
-            log.info("request completed via %s (%d, %d bytes in %.2fs)", self.provider.name, ready.status,
-                     sent, time.monotonic() - started)
+            log.info("request completed via %s%s (%d, %d bytes in %.2fs)", self.provider.name,
+                     f" for {self.token_name}" if self.token_name else "", ready.status, sent,
+                     time.monotonic() - started)
         except ClientGone:
             log.info("client disconnected during the response from %s after %d bytes", self.provider.name, sent)
         except forward.UpstreamIdle:

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import requests
 
 from . import transport
+from .access import AccessPolicy
 from .config import Config, config_files
 from .failover import FailoverState
 from .logs import configure_logging, warn_if_readable_by_others
@@ -22,10 +23,11 @@ from .logs import configure_logging, warn_if_readable_by_others
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A configuration and the failover state built from it, swapped as one."""
+    """A configuration and what is built from it (failover state, access policy), swapped as one."""
 
     config: Config
     state: FailoverState
+    access: AccessPolicy = AccessPolicy()
 
 
 class Runtime:
@@ -46,7 +48,8 @@ class Runtime:
         settings = config.settings
         state = FailoverState(config.providers, reactivate_after=settings.reactivate_after,
                               isolate_count_tokens=settings.ignore_count_tokens_failover)
-        return Snapshot(config=config, state=state)
+        access = AccessPolicy.build(settings.access_tokens, settings.allowed_origins, settings.allowed_hosts)
+        return Snapshot(config=config, state=state, access=access)
 
     def apply(self, config: Config) -> Snapshot:
         """Install a new configuration: fresh failover state, logging settings at once."""

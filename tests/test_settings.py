@@ -18,7 +18,8 @@ from typing import Mapping, get_type_hints
 
 import pytest
 
-from clipal import app, logs, reload
+from clipal import logs, reload
+from clipal import runtime as runtime_module
 from clipal.config import (
     LOG_LEVEL_NAMES,
     LOG_LEVELS,
@@ -86,6 +87,8 @@ OTHER_VALUES = {
     "listen_addr": "127.0.0.2", "port": 4444, "log_level": "debug", "reactivate_after": "30m",
     "upstream_idle_timeout": "45s", "max_request_body_bytes": 1000, "log_dir": "/tmp/clipal-elsewhere",
     "log_retention_days": 30, "log_stdout": False, "ignore_count_tokens_failover": True,
+    "access_tokens": ["a-reloaded-token-0123456789"], "allowed_origins": ["https://app.example"],
+    "allowed_hosts": ["clipal.lan"],
 }
 
 
@@ -110,8 +113,8 @@ def test_a_reload_applies_every_setting_or_says_it_needs_a_restart(tmp_path, mon
     assert [setting.name for setting in SETTINGS if setting.restart] == ["listen_addr", "port"]  # the socket's
     log = _Recorder()
     monkeypatch.setattr(reload, "get_logger", lambda: log)
-    monkeypatch.setattr(app, "apply_logging", lambda config: None)  # the process's logging stays as it is
-    runtime = app.Runtime(load_config(tmp_path))
+    monkeypatch.setattr(runtime_module, "apply_logging", lambda config: None)  # the process's logging stays
+    runtime = runtime_module.Runtime(load_config(tmp_path))
     write_yaml(tmp_path / "config.yaml", OTHER_VALUES)
 
     assert reload.Reloader(runtime).reload()
