@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import math
 import os
@@ -77,14 +79,52 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+#: Hex digits of a key's SHA-256 in :meth:`Provider.key_id`: enough to tell a provider's keys apart.
+KEY_ID_LENGTH = 12
+
+
 @dataclass(frozen=True)
 class Provider:
     name: str
     base_url: str
-    api_key: str
+    #: Tried in this order; one element for a provider written with ``api_key``. Left out of
+    #: the repr so that logging or printing a Provider never shows a key.
+    api_keys: tuple[str, ...] = field(repr=False)
     priority: int = 1
     enabled: bool = True
     auth_header: str | None = None
+
+    def __post_init__(self) -> None:
+        # A bare string would pass as a tuple of one-character "keys"; an empty tuple leaves
+        # nothing to send. parse_providers never builds either; code and tests that construct
+        # a Provider by hand get the mistake at once instead of at the first request.
+        if not isinstance(self.api_keys, tuple) or not self.api_keys or \
+                not all(isinstance(key, str) and key for key in self.api_keys):
+            raise ValueError(f"provider {self.name!r}: api_keys must be a non-empty tuple of non-empty strings")
+
+    @property
+    def api_key(self) -> str:
+        """The first key, for code that has one key in mind."""
+        return self.api_keys[0]
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """A stable name for this provider as configured, for state kept across reloads.
+
+        The SHA-256 of its name, base_url and the SHA-256 of each key in order: the same
+        entry in a reloaded file has the same identity, while a changed URL or key list
+        makes it a new provider. The keys enter only as digests of digests, so the identity
+        can be logged or stored without revealing them.
+        """
+        return _sha256(json.dumps([self.name, self.base_url, [_sha256(key) for key in self.api_keys]]))
+
+    def key_id(self, index: int) -> str:
+        """A short name for key ``index`` (0-based) that never shows its value: a SHA-256 prefix."""
+        return _sha256(self.api_keys[index])[:KEY_ID_LENGTH]
 
 
 # --- durations --------------------------------------------------------------
@@ -385,8 +425,8 @@ class Config:
         return Path(self.settings.log_dir).expanduser() if self.settings.log_dir else self.config_dir / "logs"
 
     def secrets(self) -> list[str]:
-        """Every provider key and access token, for log redaction."""
-        return [p.api_key for ps in self.providers.values() for p in ps] + \
+        """Every key of every provider and every access token, for log redaction."""
+        return [key for ps in self.providers.values() for p in ps for key in p.api_keys] + \
             [t.token for t in self.settings.access_tokens]
 
 
@@ -411,15 +451,54 @@ def _auth_header(value: object) -> str:
     return carrier
 
 
-_PROVIDER_FIELDS = {
+def _one_key(value: object) -> str:
+    """A provider key, trimmed. Messages complete "<where> ..." and never show the key."""
+    key = _string(value).strip()
+    if not key:
+        raise ValueError("is empty")
+    # A key is sent in a header or a query: a space or line break inside is a paste
+    # mistake (two keys on one line, a wrapped line) that the provider would reject anyway.
+    if any(ch.isspace() or not ch.isprintable() for ch in key):
+        raise ValueError("must not contain whitespace or control characters")
+    return key
+
+
+def _api_key(value: object) -> tuple[str, ...]:
+    return (_one_key(value),)
+
+
+def _api_keys(value: object) -> tuple[str, ...]:
+    """``api_keys``: a non-empty list of distinct keys, tried in order. Items are named by position."""
+    if isinstance(value, str):
+        raise ValueError("must be a list of keys, got a string (use api_key for one key)")
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"must be a list of keys, got {_type_name(value)}")
+    if not value:
+        raise ValueError("must not be empty")
+    keys: list[str] = []
+    for position, item in enumerate(value, start=1):
+        try:
+            key = _one_key(item)
+        except ValueError as exc:
+            raise ValueError(f"item {position} {exc}") from None
+        if key in keys:
+            raise ValueError(f"item {position} duplicates item {keys.index(key) + 1}")
+        keys.append(key)
+    return tuple(keys)
+
+
+_PROVIDER_FIELDS: Mapping[str, Callable[[object], Any]] = {
     "name": _string,
     "base_url": _check_base_url,
-    "api_key": _string,
+    "api_key": _api_key,
+    "api_keys": _api_keys,
     "priority": _integer,
     "enabled": _boolean,
     "auth_header": _auth_header,
 }
-_PROVIDER_REQUIRED = ("name", "base_url", "api_key")
+_PROVIDER_REQUIRED = ("name", "base_url")
+#: The two ways to give a provider its keys; exactly one of them is required.
+_KEY_FIELDS = ("api_key", "api_keys")
 
 
 # --- files ------------------------------------------------------------------
@@ -513,8 +592,10 @@ def parse_providers(document: Any, file: str) -> tuple[Provider, ...]:
                 raise ConfigError(file, f"unknown key {key!r}", provider=label)
             if raw is None and key == "auth_header":
                 continue
-            if raw is None and key in _PROVIDER_REQUIRED:
+            if raw is None and key in _PROVIDER_REQUIRED + ("api_key",):
                 raise ConfigError(file, f"{key} is required", provider=label)
+            if key == "api_key" and isinstance(raw, str) and not raw.strip():
+                raise ConfigError(file, "api_key is required", provider=label)
             try:
                 values[key] = checker(raw)
             except ValueError as exc:
@@ -522,6 +603,13 @@ def parse_providers(document: Any, file: str) -> tuple[Provider, ...]:
         for key in _PROVIDER_REQUIRED:
             if key not in values or not str(values[key]).strip():
                 raise ConfigError(file, f"{key} is required", provider=label)
+        given = [key for key in _KEY_FIELDS if key in values]
+        if not given:
+            raise ConfigError(file, "api_key is required", provider=label)
+        if len(given) > 1:
+            raise ConfigError(file, "api_key and api_keys are both set; use api_keys alone for several keys",
+                              provider=label)
+        values["api_keys"] = values.pop(given[0])
         if values["name"] in seen:
             raise ConfigError(file, "duplicate provider name", provider=values["name"])
         seen.add(values["name"])

@@ -8,6 +8,7 @@ reads as ONE line naming the file, the provider (when any) and the field.
 
 from __future__ import annotations
 
+import hashlib
 import textwrap
 from pathlib import Path
 
@@ -160,8 +161,9 @@ def test_durations_in_the_file(tmp_path):
 def test_provider_defaults(tmp_path):
     write(tmp_path, "codex.yaml", PROVIDER)
     (p,) = load_config(tmp_path).providers["codex"]
-    assert p == Provider(name="p", base_url="https://api.example.com", api_key="sk-p")
+    assert p == Provider(name="p", base_url="https://api.example.com", api_keys=("sk-p",))
     assert (p.priority, p.enabled, p.auth_header) == (1, True, None)
+    assert p.api_key == "sk-p"
 
 
 def test_provider_fields(tmp_path):
@@ -175,7 +177,7 @@ def test_provider_fields(tmp_path):
             auth_header: Query
         """)
     (p,) = load_config(tmp_path).providers["gemini"]
-    assert p == Provider("g", "https://proxy.example.com/google/", "AIza-key", 3, False, "query")
+    assert p == Provider("g", "https://proxy.example.com/google/", ("AIza-key",), 3, False, "query")
 
 
 @pytest.mark.parametrize("carrier", ["x-api-key", "authorization", "x-goog-api-key", "query"])
@@ -217,7 +219,133 @@ def test_same_provider_name_in_different_files_is_fine(tmp_path):
 def test_secrets_lists_every_provider_key(tmp_path):
     write(tmp_path, "codex.yaml", PROVIDER)
     write(tmp_path, "gemini.yaml", PROVIDER.replace("sk-p", "AIza-g"))
-    assert sorted(load_config(tmp_path).secrets()) == ["AIza-g", "sk-p"]
+    write(tmp_path, "claude-code.yaml", provider_file(name="c", base_url="https://c.example.com",
+                                                      api_keys="[sk-c1, sk-c2, sk-c3]"))
+    write(tmp_path, "config.yaml", "access_tokens: [an-access-token-0123456789]\n")
+    assert sorted(load_config(tmp_path).secrets()) == ["AIza-g", "an-access-token-0123456789", "sk-c1", "sk-c2",
+                                                        "sk-c3", "sk-p"]
+
+
+# --- several keys per provider --------------------------------------------------------
+
+
+def test_api_keys_are_kept_in_order_and_trimmed_and_api_key_is_the_first(tmp_path):
+    write(tmp_path, "codex.yaml", provider_file(name="x", base_url="https://api.example.com",
+                                                api_keys='["  sk-one ", sk-two, "sk-three\\t"]'))
+    (p,) = load_config(tmp_path).providers["codex"]
+    assert p.api_keys == ("sk-one", "sk-two", "sk-three")
+    assert p.api_key == "sk-one"
+
+
+def test_api_key_is_trimmed_and_becomes_a_one_key_tuple(tmp_path):
+    write(tmp_path, "codex.yaml", provider_file(name="x", base_url="https://api.example.com", api_key='" sk-x\\n"'))
+    (p,) = load_config(tmp_path).providers["codex"]
+    assert (p.api_keys, p.api_key) == (("sk-x",), "sk-x")
+
+
+def test_api_key_is_read_only():
+    p = Provider("x", "https://api.example.com", ("sk-1", "sk-2"))
+    with pytest.raises(AttributeError):
+        p.api_key = "sk-3"  # type: ignore[misc]
+
+
+KEY = "sk-SECRET-key-value-0123"
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"api_key": KEY, "api_keys": f"[{KEY}-2]"}, "api_key and api_keys are both set; use api_keys alone for several keys"),
+    ({}, "api_key is required"),
+    ({"api_keys": "[]"}, "api_keys must not be empty"),
+    ({"api_keys": "null"}, "api_keys must be a list of keys, got nothing"),
+    ({"api_keys": "''"}, "api_keys must be a list of keys, got a string (use api_key for one key)"),
+    ({"api_keys": KEY}, "api_keys must be a list of keys, got a string (use api_key for one key)"),
+    ({"api_keys": "{a: b}"}, "api_keys must be a list of keys, got a mapping"),
+    ({"api_keys": f'[{KEY}, ""]'}, "api_keys item 2 is empty"),
+    ({"api_keys": f'[{KEY}, "   "]'}, "api_keys item 2 is empty"),
+    ({"api_keys": f"[{KEY}, 12345]"}, "api_keys item 2 must be a string, got a number"),
+    ({"api_keys": f"[{KEY}, [{KEY}]]"}, "api_keys item 2 must be a string, got a list"),
+    ({"api_keys": f"[{KEY}-a, {KEY}-b, {KEY}-a]"}, "api_keys item 3 duplicates item 1"),
+    ({"api_keys": f'["{KEY}", " {KEY}  "]'}, "api_keys item 2 duplicates item 1"),  # equal once trimmed
+    ({"api_keys": f'[{KEY}, "{KEY[:5]} {KEY[5:]}"]'}, "api_keys item 2 must not contain whitespace or control "
+                                                      "characters"),
+    ({"api_keys": f'["{KEY}\\u0007"]'}, "api_keys item 1 must not contain whitespace or control characters"),
+    ({"api_key": f'"{KEY[:5]}\\n{KEY[5:]}"'}, "api_key must not contain whitespace or control characters"),
+    ({"api_key": f'"{KEY}\\u200b"'}, "api_key must not contain whitespace or control characters"),
+    ({"api_key": '"  "'}, "api_key is required"),
+])
+def test_bad_keys_are_named_by_position_never_by_value(tmp_path, keys, message):
+    write(tmp_path, "codex.yaml", provider_file(name="x", base_url="https://api.example.com", **keys))
+    text = str(load_error(tmp_path))
+    assert text == f'codex.yaml: provider "x": {message}'
+    assert KEY[:5] not in text
+
+
+def test_a_provider_needs_a_non_empty_tuple_of_keys_when_built_by_hand():
+    for keys in ((), "sk-abc", ("sk-a", ""), ["sk-a"]):
+        with pytest.raises(ValueError, match="api_keys must be a non-empty tuple"):
+            Provider("x", "https://api.example.com", keys)  # type: ignore[arg-type]
+
+
+def test_the_repr_of_a_provider_shows_no_key():
+    p = Provider("x", "https://api.example.com", (KEY, KEY + "-2"))
+    assert KEY not in repr(p) and "x" in repr(p)
+
+
+# --- identity: state that survives a reload ------------------------------------------
+
+
+def _provider(name: str = "x", base_url: str = "https://api.example.com", keys: tuple[str, ...] = ("sk-1", "sk-2"),
+              **extra: object) -> Provider:
+    return Provider(name, base_url, keys, **extra)  # type: ignore[arg-type]
+
+
+def test_identity_is_a_sha256_hex_digest_stable_across_equal_providers():
+    identity = _provider().identity
+    assert len(identity) == 64 and int(identity, 16) >= 0
+    assert _provider().identity == identity
+    # what only decides the order or the carrier is not part of who the provider is
+    assert _provider(priority=5, enabled=False, auth_header="query").identity == identity
+
+
+def test_identity_is_the_same_when_the_file_is_read_again(tmp_path):
+    write(tmp_path, "codex.yaml", provider_file(name="x", base_url="https://api.example.com",
+                                                api_keys="[sk-1, sk-2]"))
+    (first,) = load_config(tmp_path).providers["codex"]
+    write(tmp_path, "codex.yaml", provider_file(name="x", base_url="https://api.example.com",
+                                                api_keys="[' sk-1', sk-2]", priority=2))
+    (again,) = load_config(tmp_path).providers["codex"]
+    assert again.identity == first.identity == _provider().identity
+
+
+def test_identity_changes_with_name_url_each_key_and_their_order():
+    identity = _provider().identity
+    others = [_provider(name="y"), _provider(base_url="https://api.example.com/v1"), _provider(keys=("sk-1",)),
+              _provider(keys=("sk-1", "sk-3")), _provider(keys=("sk-2", "sk-1")), _provider(keys=("sk-1", "sk-2", "sk-3"))]
+    identities = [other.identity for other in others]
+    assert identity not in identities and len(set(identities)) == len(identities)
+
+
+def test_identity_does_not_confuse_where_one_field_ends_and_the_next_begins():
+    assert _provider(name="ab", base_url="https://c.example.com").identity != \
+        _provider(name="a", base_url="bhttps://c.example.com").identity
+    assert _provider(keys=("sk-ab", "sk-c")).identity != _provider(keys=("sk-a", "sk-bsk-c")).identity
+
+
+def test_identity_never_contains_a_key_nor_a_key_digest():
+    p = _provider(keys=(KEY, KEY + "-2"))
+    digests = [hashlib.sha256(key.encode()).hexdigest() for key in p.api_keys]
+    assert KEY not in p.identity and p.identity not in digests
+    assert KEY not in p.key_id(0) + p.key_id(1)
+
+
+def test_key_id_is_a_short_sha256_prefix_of_that_key():
+    p = _provider(keys=(KEY, KEY + "-2"))
+    assert p.key_id(0) == hashlib.sha256(KEY.encode()).hexdigest()[:12]
+    assert p.key_id(1) == hashlib.sha256((KEY + "-2").encode()).hexdigest()[:12]
+    assert p.key_id(0) != p.key_id(1)
+    assert p.key_id(-1) == p.key_id(1)
+    with pytest.raises(IndexError):
+        p.key_id(2)
 
 
 # --- errors: one line naming file, provider and field ------------------------------------

@@ -24,7 +24,7 @@ ANTHROPIC_KEY = "sk-ant-api03-provider-KEY-789"
 
 def make(provider_key: str = PROVIDER_KEY, *, auth_header: str | None = None,
          base_url: str = "https://up.example.com/api") -> Provider:
-    return Provider(name="p", base_url=base_url, api_key=provider_key, auth_header=auth_header)
+    return Provider(name="p", base_url=base_url, api_keys=(provider_key,), auth_header=auth_header)
 
 
 def build(headers=(), *, query: str = "", path: str = "/v1/messages", client=CLAUDE_CODE,
