@@ -419,6 +419,14 @@ class Config:
     settings: Settings = field(default_factory=Settings)
     #: client name -> providers in file order (all of them, enabled or not)
     providers: Mapping[str, tuple[Provider, ...]] = field(default_factory=dict)
+    #: client name -> the name of its pinned provider, only for clients in ``mode: manual``
+    #: (a client not listed fails over automatically). The provider is enabled and in
+    #: ``providers`` of that client: load_config refuses anything else.
+    pinned: Mapping[str, str] = field(default_factory=dict)
+
+    def mode(self, client: str) -> str:
+        """``manual`` for a client with a pinned provider, else ``auto``."""
+        return "manual" if client in self.pinned else "auto"
 
     @property
     def log_dir(self) -> Path:
@@ -565,15 +573,67 @@ def parse_settings(document: Any, file: str = CONFIG_FILE) -> Settings:
     return Settings(**check_settings(SETTINGS, document, file))
 
 
-def parse_providers(document: Any, file: str) -> tuple[Provider, ...]:
+#: How a client picks its provider: ``auto`` fails over by priority; ``manual`` sends
+#: everything to its pinned_provider.
+MODES = ("auto", "manual")
+
+
+@dataclass(frozen=True)
+class ClientFile:
+    """What one client file says: its providers and, in manual mode, the provider pinned."""
+
+    providers: tuple[Provider, ...] = ()
+    #: The name of an enabled provider of ``providers`` when the file says ``mode: manual``;
+    #: None in auto mode.
+    pinned: str | None = None
+
+
+def _mode(value: object) -> str:
+    mode = _string(value).strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"must be {_or_list(MODES)}, got {value!r}")
+    return mode
+
+
+def parse_client_file(document: Any, file: str) -> ClientFile:
+    """A client file: ``providers``, and beside it ``mode`` and ``pinned_provider``."""
     if document is None:
-        return ()
+        return ClientFile()
     if not isinstance(document, dict):
         raise ConfigError(file, f"must be a mapping with a providers list, got {_type_name(document)}")
     for key in document:
-        if key != "providers":
+        if key not in ("providers", "mode", "pinned_provider"):
             raise ConfigError(file, f"unknown key {key!r}")
-    entries = document.get("providers")
+    providers = _parse_provider_list(document.get("providers"), file)
+    try:
+        mode = _mode(document["mode"]) if document.get("mode") is not None else "auto"
+    except ValueError as exc:
+        raise ConfigError(file, f"mode {exc}") from None
+    pinned = document.get("pinned_provider")
+    if pinned is not None and not isinstance(pinned, str):
+        raise ConfigError(file, f"pinned_provider must be a provider name, got {_type_name(pinned)}")
+    if mode == "auto":
+        if pinned is not None:
+            # Silently ignoring it would leave the user believing the provider is pinned.
+            raise ConfigError(file, "pinned_provider is set but mode is auto; add mode: manual to pin it, "
+                                    "or remove pinned_provider")
+        return ClientFile(providers)
+    if pinned is None or not pinned.strip():
+        raise ConfigError(file, "mode: manual needs pinned_provider, the name of an enabled provider")
+    named = [p for p in providers if p.name == pinned]
+    if not named:
+        raise ConfigError(file, f'pinned_provider "{_printable(pinned)}" is not a provider of this file')
+    if not named[0].enabled:
+        raise ConfigError(file, f'pinned_provider "{_printable(pinned)}" is disabled (enabled: false)')
+    return ClientFile(providers, pinned)
+
+
+def parse_providers(document: Any, file: str) -> tuple[Provider, ...]:
+    """The providers of a client file (all of them, enabled or not), the file checked in full."""
+    return parse_client_file(document, file).providers
+
+
+def _parse_provider_list(entries: Any, file: str) -> tuple[Provider, ...]:
     if entries is None:
         return ()
     if not isinstance(entries, list):
@@ -625,11 +685,10 @@ def load_config(config_dir: Path) -> Config:
     """
     config_dir = Path(config_dir).expanduser()
     settings = parse_settings(_read_yaml(config_dir / CONFIG_FILE))
-    providers = {
-        client.name: parse_providers(_read_yaml(config_dir / client.file), client.file)
-        for client in CLIENTS
-    }
-    return Config(config_dir=config_dir, settings=settings, providers=providers)
+    files = {client.name: parse_client_file(_read_yaml(config_dir / client.file), client.file) for client in CLIENTS}
+    return Config(config_dir=config_dir, settings=settings,
+                  providers={name: f.providers for name, f in files.items()},
+                  pinned={name: f.pinned for name, f in files.items() if f.pinned is not None})
 
 
 def config_files(config_dir: Path) -> list[Path]:

@@ -15,12 +15,15 @@ from pathlib import Path
 import pytest
 
 from clipal.config import (
+    ClientFile,
     ConfigError,
     Provider,
     Settings,
     active_providers,
     load_config,
+    parse_client_file,
     parse_duration,
+    parse_providers,
 )
 from clipal.failover import ProviderPool
 
@@ -346,6 +349,65 @@ def test_key_id_is_a_short_sha256_prefix_of_that_key():
     assert p.key_id(-1) == p.key_id(1)
     with pytest.raises(IndexError):
         p.key_id(2)
+
+
+# --- mode: auto or manual with a pinned provider ----------------------------------------
+
+TWO = ("providers:\n  - {name: a, base_url: 'https://a.example.com', api_key: sk-a}\n"
+       "  - {name: b, base_url: 'https://b.example.com', api_key: sk-b, priority: 2}\n"
+       "  - {name: 'off', base_url: 'https://c.example.com', api_key: sk-c, enabled: false}\n")
+
+
+def test_mode_is_auto_by_default_and_nothing_is_pinned(tmp_path):
+    write(tmp_path, "codex.yaml", TWO)
+    write(tmp_path, "gemini.yaml", TWO + "mode: auto\n")
+    config = load_config(tmp_path)
+    assert dict(config.pinned) == {}
+    assert [config.mode(name) for name in ("claudecode", "codex", "gemini")] == ["auto"] * 3
+
+
+def test_manual_mode_pins_the_named_provider_of_that_file_only(tmp_path):
+    write(tmp_path, "codex.yaml", "mode: manual\npinned_provider: b\n" + TWO)
+    write(tmp_path, "gemini.yaml", TWO)
+    write(tmp_path, "claude-code.yaml", TWO + "mode: Manual\npinned_provider: a\n")
+    config = load_config(tmp_path)
+    assert dict(config.pinned) == {"codex": "b", "claudecode": "a"}
+    assert (config.mode("codex"), config.mode("gemini"), config.mode("claudecode")) == ("manual", "auto", "manual")
+    assert [p.name for p in config.providers["codex"]] == ["a", "b", "off"]  # the providers are unchanged
+
+
+def test_parse_client_file_says_what_the_file_says():
+    document = {"mode": "manual", "pinned_provider": "a",
+                "providers": [{"name": "a", "base_url": "https://a.example.com", "api_key": "sk-a"}]}
+    parsed = parse_client_file(document, "codex.yaml")
+    assert parsed == ClientFile((Provider("a", "https://a.example.com", ("sk-a",)),), "a")
+    assert parse_client_file(None, "codex.yaml") == ClientFile((), None)
+    assert parse_providers(document, "codex.yaml") == parsed.providers
+
+
+@pytest.mark.parametrize("text, message", [
+    ("mode: manual\n", "mode: manual needs pinned_provider, the name of an enabled provider"),
+    ("mode: manual\npinned_provider: ''\n", "mode: manual needs pinned_provider, the name of an enabled provider"),
+    ("mode: manual\npinned_provider: zed\n", 'pinned_provider "zed" is not a provider of this file'),
+    ("mode: manual\npinned_provider: A\n", 'pinned_provider "A" is not a provider of this file'),
+    ("mode: manual\npinned_provider: 'off'\n", 'pinned_provider "off" is disabled (enabled: false)'),
+    ("mode: manual\npinned_provider: [a]\n", "pinned_provider must be a provider name, got a list"),
+    ("pinned_provider: a\n", "pinned_provider is set but mode is auto; add mode: manual to pin it, "
+                              "or remove pinned_provider"),
+    ("mode: auto\npinned_provider: a\n", "pinned_provider is set but mode is auto; add mode: manual to pin it, "
+                                           "or remove pinned_provider"),
+    ("mode: pinned\n", "mode must be auto or manual, got 'pinned'"),
+    ("mode: true\n", "mode must be a string, got a boolean"),
+    ("pinned: a\n", "unknown key 'pinned'"),
+])
+def test_bad_mode_or_pinned_provider(tmp_path, text, message):
+    write(tmp_path, "codex.yaml", TWO + text)
+    assert str(load_error(tmp_path)) == f"codex.yaml: {message}"
+
+
+def test_manual_mode_in_a_file_without_providers_names_no_provider(tmp_path):
+    write(tmp_path, "gemini.yaml", "mode: manual\npinned_provider: a\n")
+    assert str(load_error(tmp_path)) == 'gemini.yaml: pinned_provider "a" is not a provider of this file'
 
 
 # --- errors: one line naming file, provider and field ------------------------------------
