@@ -295,6 +295,58 @@ def _type_name(value: object) -> str:
             list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
 
 
+@dataclass(frozen=True)
+class BreakerSettings:
+    """``circuit_breaker``: when a provider is taken out of the rotation for failing, and how it comes back.
+
+    After ``failure_threshold`` provider failures in a row (connect errors and resets,
+    408/5xx/529/520-524, idle timeouts) the provider is skipped for ``open_timeout``
+    seconds; then trial requests go to it, and ``success_threshold`` successes in a
+    row put it back. ``failure_threshold: 0`` turns the breaker off.
+    """
+
+    failure_threshold: int = 4
+    success_threshold: int = 2
+    open_timeout: float = 60.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.failure_threshold > 0
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be a duration above zero, got {value!r}")
+    return seconds
+
+
+_BREAKER_FIELDS: Mapping[str, Callable[[object], Any]] = {
+    "failure_threshold": _non_negative,
+    "success_threshold": _positive,
+    "open_timeout": _positive_duration,
+}
+
+
+def _circuit_breaker(value: object) -> BreakerSettings:
+    """A mapping of some of failure_threshold, success_threshold, open_timeout; the rest keep their defaults."""
+    if isinstance(value, BreakerSettings):  # already checked (the default, or a value passed back in)
+        return value
+    names = tuple(_BREAKER_FIELDS)
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping of {_or_list(names)}, got {_type_name(value)}")
+    values: dict[str, Any] = {}
+    for key, raw in value.items():
+        check = _BREAKER_FIELDS.get(key)
+        if check is None:
+            raise ValueError(f"has an unknown key {key!r} (use {_or_list(names)})")
+        try:
+            values[key] = check(raw)
+        except ValueError as exc:
+            raise ValueError(f"{key} {exc}") from None
+    return BreakerSettings(**values)
+
+
 # --- the settings of config.yaml -------------------------------------------------------
 # Each setting is one Setting in SETTINGS; everything else is made from that table:
 # the Settings dataclass, the keys parse_settings accepts and how it checks them,
@@ -359,6 +411,11 @@ SETTINGS: tuple[Setting[Any], ...] = (
             flag=Flag("--log-level", "LEVEL")),
     Setting("reactivate_after", parse_duration, default=3600.0,
             help="how long a provider stays deactivated after an auth, billing or quota error (0 = never)"),
+    Setting("circuit_breaker", _circuit_breaker, default=BreakerSettings(),
+            help="consecutive provider failures that take a provider out for open_timeout, and successes that "
+                 "bring it back (failure_threshold 0 = off)",
+            # `circuit_breaker:` with each key below it commented out is the default too.
+            blank_means_default=True),
     Setting("upstream_idle_timeout", parse_duration, default=180.0,
             help="longest wait for an upstream's response headers or its next body bytes (0 = no limit)"),
     Setting("max_request_body_bytes", _positive, default=32 * 1024 * 1024,

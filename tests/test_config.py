@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from clipal.config import (
+    BreakerSettings,
     ClientFile,
     ConfigError,
     Provider,
@@ -64,6 +65,7 @@ def test_every_setting_has_its_documented_default(tmp_path):
     assert s.port == 3333
     assert s.log_level == "info"
     assert s.reactivate_after == 3600
+    assert s.circuit_breaker == BreakerSettings(failure_threshold=4, success_threshold=2, open_timeout=60)
     assert s.upstream_idle_timeout == 180
     assert s.max_request_body_bytes == 33554432
     assert s.log_dir == "" and config.log_dir == tmp_path / "logs"
@@ -94,6 +96,7 @@ def test_every_setting_can_be_set(tmp_path):
         port: 4444
         log_level: debug
         reactivate_after: 30m
+        circuit_breaker: {{failure_threshold: 3, success_threshold: 1, open_timeout: 10s}}
         upstream_idle_timeout: 45s
         max_request_body_bytes: 1000
         log_dir: {tmp_path / "elsewhere"}
@@ -104,6 +107,7 @@ def test_every_setting_can_be_set(tmp_path):
     config = load_config(tmp_path)
     assert config.settings == Settings(
         listen_addr="0.0.0.0", port=4444, log_level="debug", reactivate_after=1800,
+        circuit_breaker=BreakerSettings(3, 1, 10.0),
         upstream_idle_timeout=45, max_request_body_bytes=1000, log_dir=str(tmp_path / "elsewhere"),
         log_retention_days=30, log_stdout=False, ignore_count_tokens_failover=True,
     )
@@ -133,6 +137,67 @@ def test_zero_durations_written_with_a_unit_or_quoted_are_zero_too(tmp_path):
     write(tmp_path, "config.yaml", 'reactivate_after: "0"\nupstream_idle_timeout: 0s\n')
     s = load_config(tmp_path).settings
     assert (s.reactivate_after, s.upstream_idle_timeout) == (0, 0)
+
+
+# --- circuit_breaker ---------------------------------------------------------------
+
+
+def test_circuit_breaker_defaults():
+    default = Settings().circuit_breaker
+    assert default == BreakerSettings(failure_threshold=4, success_threshold=2, open_timeout=60.0)
+    assert default.enabled
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("circuit_breaker:\n", BreakerSettings()),
+    ("circuit_breaker: {}\n", BreakerSettings()),
+    ("circuit_breaker: {failure_threshold: 7}\n", BreakerSettings(7, 2, 60.0)),
+    ("circuit_breaker: {success_threshold: 1}\n", BreakerSettings(4, 1, 60.0)),
+    ("circuit_breaker: {open_timeout: 1m30s}\n", BreakerSettings(4, 2, 90.0)),
+    ("circuit_breaker: {open_timeout: 500ms}\n", BreakerSettings(4, 2, 0.5)),
+    ("circuit_breaker: {open_timeout: 45}\n", BreakerSettings(4, 2, 45.0)),
+    ("circuit_breaker:\n  failure_threshold: 0\n  success_threshold: 3\n  open_timeout: 2h\n",
+     BreakerSettings(0, 3, 7200.0)),
+])
+def test_circuit_breaker_keys_are_each_optional(tmp_path, text, expected):
+    write(tmp_path, "config.yaml", text)
+    assert load_config(tmp_path).settings.circuit_breaker == expected
+
+
+def test_failure_threshold_zero_turns_the_breaker_off():
+    assert not BreakerSettings(failure_threshold=0).enabled
+    assert BreakerSettings(failure_threshold=1).enabled
+
+
+@pytest.mark.parametrize("text, message", [
+    ("circuit_breaker: 4\n", "circuit_breaker must be a mapping of failure_threshold, success_threshold or "
+                              "open_timeout, got a number"),
+    ("circuit_breaker: [4]\n", "circuit_breaker must be a mapping of failure_threshold, success_threshold or "
+                                "open_timeout, got a list"),
+    ("circuit_breaker: {failures: 4}\n", "circuit_breaker has an unknown key 'failures' (use failure_threshold, "
+                                          "success_threshold or open_timeout)"),
+    ("circuit_breaker: {failure_threshold: -1}\n", "circuit_breaker failure_threshold must be zero or positive, "
+                                                    "got -1"),
+    ("circuit_breaker: {failure_threshold: 2.5}\n", "circuit_breaker failure_threshold must be an integer, "
+                                                     "got a number"),
+    ("circuit_breaker: {failure_threshold: true}\n", "circuit_breaker failure_threshold must be an integer, "
+                                                      "got a boolean"),
+    ("circuit_breaker: {failure_threshold: null}\n", "circuit_breaker failure_threshold must be an integer, "
+                                                      "got nothing"),
+    ("circuit_breaker: {success_threshold: 0}\n", "circuit_breaker success_threshold must be positive, got 0"),
+    ("circuit_breaker: {success_threshold: '2'}\n", "circuit_breaker success_threshold must be an integer, "
+                                                     "got a string"),
+    ("circuit_breaker: {open_timeout: 0}\n", "circuit_breaker open_timeout must be a duration above zero, got 0"),
+    ("circuit_breaker: {open_timeout: 0s}\n", "circuit_breaker open_timeout must be a duration above zero, "
+                                               "got '0s'"),
+    ("circuit_breaker: {open_timeout: soon}\n", "circuit_breaker open_timeout invalid duration 'soon' "
+                                                 "(use e.g. 90s, 3m, 1h30m, 0)"),
+    ("circuit_breaker: {open_timeout: -5s}\n", "circuit_breaker open_timeout invalid duration '-5s' "
+                                                "(use e.g. 90s, 3m, 1h30m, 0)"),
+])
+def test_bad_circuit_breaker(tmp_path, text, message):
+    write(tmp_path, "config.yaml", text)
+    assert str(load_error(tmp_path)) == f"config.yaml: {message}"
 
 
 # --- durations -------------------------------------------------------------------
