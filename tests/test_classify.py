@@ -326,7 +326,8 @@ OTHER_400S = [
     ("anthropic prompt too long", anthropic("invalid_request_error", "prompt is too long: 210000 tokens > 200000")),
     ("anthropic credit phrase in another type", anthropic("api_error", "credit balance is too low")),
     ("credit phrase without a type", {"error": {"message": "Your credit balance is too low"}}),
-    ("openai bad param", openai("Unsupported parameter: 'temperature'", "invalid_request_error", "unsupported_parameter")),
+    ("openai bad param", openai("Unsupported parameter: 'temperature'", "invalid_request_error",
+                                "unsupported_parameter")),
     ("gemini invalid argument", gemini(400, "INVALID_ARGUMENT", "Request contains an invalid argument.")),
     ("gemini other ErrorInfo", gemini(400, "FAILED_PRECONDITION", "User location is not supported", {
         "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "LOCATION_NOT_SUPPORTED"})),

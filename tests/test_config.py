@@ -321,7 +321,8 @@ KEY = "sk-SECRET-key-value-0123"
 
 
 @pytest.mark.parametrize("keys, message", [
-    ({"api_key": KEY, "api_keys": f"[{KEY}-2]"}, "api_key and api_keys are both set; use api_keys alone for several keys"),
+    ({"api_key": KEY, "api_keys": f"[{KEY}-2]"},
+     "api_key and api_keys are both set; use api_keys alone for several keys"),
     ({}, "api_key is required"),
     ({"api_keys": "[]"}, "api_keys must not be empty"),
     ({"api_keys": "null"}, "api_keys must be a list of keys, got nothing"),
@@ -388,7 +389,8 @@ def test_identity_is_the_same_when_the_file_is_read_again(tmp_path):
 def test_identity_changes_with_name_url_each_key_and_their_order():
     identity = _provider().identity
     others = [_provider(name="y"), _provider(base_url="https://api.example.com/v1"), _provider(keys=("sk-1",)),
-              _provider(keys=("sk-1", "sk-3")), _provider(keys=("sk-2", "sk-1")), _provider(keys=("sk-1", "sk-2", "sk-3"))]
+              _provider(keys=("sk-1", "sk-3")), _provider(keys=("sk-2", "sk-1")),
+              _provider(keys=("sk-1", "sk-2", "sk-3"))]
     identities = [other.identity for other in others]
     assert identity not in identities and len(set(identities)) == len(identities)
 
