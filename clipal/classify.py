@@ -7,18 +7,34 @@ next provider, possibly deactivating this one or cooling it down for a time
 the upstream hinted at. Nothing here does I/O, logs or reads the clock, so each
 rule can be tested on its own and lives in exactly one place.
 
-Statuses. 401, 402, 403, 408, 429, 500, 502, 503, 504 and 529 fail over
-(:data:`FAILOVER_STATUSES`); everything else is the provider's answer and goes
-back to the client as is. In particular:
+Statuses. 401, 402, 403, 408, 429, 500, 502, 503, 504, 529 and Cloudflare's
+520-524 fail over; so do two kinds of 400 below. These statuses make up
+:data:`FAILOVER_STATUSES`, whose bodies the forwarder reads before deciding;
+everything else is the provider's answer and goes back to the client as is.
+In particular:
 
 * 501, 505 and other unlisted 5xx are returned as is. 501 means "this
   endpoint is not implemented here" and 505 is a protocol mismatch: both are
   answers about the request, like a 404, and walking every provider would
   only hide the real answer behind a 503.
-* Cloudflare's 520-524 ("origin down") are returned as is for now.
+* 520-524 are Cloudflare saying the origin behind it is down, unreachable or
+  slow: the same as a 502 from any other gateway.
 * An ``overloaded_error`` body on a failing 5xx is classified as OVERLOADED,
   not SERVER_ERROR, so that the answer when nothing is left is 429 (come back
   soon) rather than 503.
+* A 400 is about the request, and is returned as is, except where the
+  provider uses it for a bad key or an empty account: Gemini answers an
+  invalid key with 400 ``API_KEY_INVALID`` (an ErrorInfo reason in the
+  details, or the message "API key not valid") -> AUTH as for a 401, and
+  Anthropic an account out of credit with 400 ``invalid_request_error``
+  "Your credit balance is too low" -> BILLING as for a 402. Another key or
+  provider can serve the very same request.
+
+Scope. A failure is about the key (AUTH, BILLING, QUOTA, RATE_LIMIT: another
+key of the same provider may do) or about the provider (SERVER_ERROR,
+OVERLOADED, TIMEOUT, INCOMPLETE: its other keys would fare no better, and
+these are what a circuit breaker counts). :attr:`Kind.key_scoped` is that one
+rule; an SSE error event takes the scope of the status its error implies.
 
 429 bodies, in precedence order (first match wins):
 
@@ -78,13 +94,32 @@ __all__ = [
 class Kind(str, Enum):
     """Why an attempt failed over; the engine uses it for the answer when nothing is left."""
 
-    AUTH = "auth"  # 401/403, auth-like 429 -> deactivate
-    BILLING = "billing"  # 402 -> deactivate
+    AUTH = "auth"  # 401/403, auth-like 429, Gemini's 400 API_KEY_INVALID -> deactivate
+    BILLING = "billing"  # 402, Anthropic's 400 "credit balance is too low" -> deactivate
     QUOTA = "quota"  # quota/billing-exhausted 429 -> deactivate
     RATE_LIMIT = "rate_limit"  # other 429 -> try next, cool down for the hint
     OVERLOADED = "overloaded"  # 529, overloaded_error -> try next, cool down for the hint
-    SERVER_ERROR = "server_error"  # 500/502/503/504 -> try next, cool down for the hint
-    TIMEOUT = "timeout"  # 408 -> try next, cool down for the hint
+    SERVER_ERROR = "server_error"  # 500/502/503/504/520-524, network errors -> try next, cool down for the hint
+    TIMEOUT = "timeout"  # 408, idle timeouts -> try next, cool down for the hint
+    INCOMPLETE = "incomplete"  # a stream that ended without its terminal event
+
+    @property
+    def key_scoped(self) -> bool:
+        """Whether the failure is about the key sent rather than the provider (module docstring)."""
+        return self in _KEY_SCOPED
+
+    @property
+    def counts_for_breaker(self) -> bool:
+        """Whether the failure says the provider itself is unwell.
+
+        Exactly the provider-scoped kinds: a bad key, an empty account or a rate limit
+        says nothing about the provider's health, and trying its other keys is the
+        answer to those, not taking the provider out.
+        """
+        return not self.key_scoped
+
+
+_KEY_SCOPED = frozenset({Kind.AUTH, Kind.BILLING, Kind.QUOTA, Kind.RATE_LIMIT})
 
 
 @dataclass(frozen=True)
@@ -96,6 +131,16 @@ class Verdict:
     deactivate: bool  # AUTH / BILLING / QUOTA
     cooldown: float | None  # hinted seconds, capped at MAX_COOLDOWN; None without a hint
     reason: str  # short text for logs; never contains body text
+
+    @property
+    def key_scoped(self) -> bool:
+        """A failover about the key (another key of the same provider may do); False for RETURN."""
+        return self.kind is not None and self.kind.key_scoped
+
+    @property
+    def counts_for_breaker(self) -> bool:
+        """A failover about the provider's health; False for RETURN."""
+        return self.kind is not None and self.kind.counts_for_breaker
 
 
 MAX_COOLDOWN = 3600.0
@@ -113,9 +158,12 @@ def provider_failure(reason: str, kind: Kind = Kind.SERVER_ERROR) -> Verdict:
 # looked at, and a compressed body never decodes beyond it (bombs).
 _MAX_BODY_BYTES = 1 << 20
 
-_SERVER_ERROR_STATUSES = frozenset({500, 502, 503, 504})
+#: Cloudflare's "the origin behind me is down" statuses, failed over as a 502.
+_ORIGIN_DOWN_STATUSES = frozenset({520, 521, 522, 523, 524})
+_SERVER_ERROR_STATUSES = frozenset({500, 502, 503, 504}) | _ORIGIN_DOWN_STATUSES
 #: Every status that can fail over; the forwarder reads these bodies before deciding.
-FAILOVER_STATUSES = frozenset({401, 402, 403, 408, 429, 529}) | _SERVER_ERROR_STATUSES
+#: A 400 is in only for the two bodies that say the key or the account is at fault.
+FAILOVER_STATUSES = frozenset({400, 401, 402, 403, 408, 429, 529}) | _SERVER_ERROR_STATUSES
 
 # Identifiers (error type / code / Google status / ErrorInfo reason /
 # details.error_code), compared lowercased.
@@ -277,6 +325,7 @@ def retry_hint(headers: Mapping[str, str], error_json: object | None, *, now: fl
     """The longest wait the upstream asked for, in seconds, capped at MAX_COOLDOWN.
 
     Sources: Retry-After (delta-seconds or HTTP-date, relative to ``now``),
+    retry-after-ms (milliseconds, as OpenAI sends it),
     X-RateLimit-Reset-Requests / -Tokens (durations or bare seconds) and
     Gemini's RetryInfo.retryDelay in the error details. Negative, past or
     unparseable values are ignored; None when nothing usable is there.
@@ -301,6 +350,8 @@ def classify_sse_error(event: bytes, *, now: float) -> Verdict | None:
     if status not in FAILOVER_STATUSES:
         return None
     verdict = _decide(status, info, _hint({}, error_json, now))
+    if not verdict.failover:  # a 400 about the request itself
+        return None
     return replace(verdict, reason=f"SSE error event: {verdict.reason}")
 
 
@@ -309,6 +360,8 @@ def classify_sse_error(event: bytes, *, now: float) -> Verdict | None:
 
 def _decide(status: int, info: _ErrorInfo, hint: float | None) -> Verdict:
     """The failover table: one status plus what its body says -> a verdict."""
+    if status == 400:
+        return _decide_400(info, hint)
     if status in (401, 403):
         return Verdict(True, Kind.AUTH, True, hint, f"auth error ({status})")
     if status == 402:
@@ -323,6 +376,18 @@ def _decide(status: int, info: _ErrorInfo, hint: float | None) -> Verdict:
         if "overloaded_error" in info.ids():
             return Verdict(True, Kind.OVERLOADED, False, hint, f"overloaded ({status}): overloaded_error")
         return Verdict(True, Kind.SERVER_ERROR, False, hint, f"server error ({status})")
+    return RETURN
+
+
+def _decide_400(info: _ErrorInfo, hint: float | None) -> Verdict:
+    """Gemini's invalid key and Anthropic's empty account fail over; any other 400 is returned."""
+    if any(i.lower() == "api_key_invalid" for i in info.extra_ids):
+        return Verdict(True, Kind.AUTH, True, hint, "auth error (400): api_key_invalid")
+    message = info.message.lower()
+    if "api key not valid" in message:
+        return Verdict(True, Kind.AUTH, True, hint, "auth error (400): api key not valid")
+    if info.type.lower() == "invalid_request_error" and "credit balance is too low" in message:
+        return Verdict(True, Kind.BILLING, True, hint, "billing error (400): credit balance is too low")
     return RETURN
 
 
@@ -514,6 +579,7 @@ def _sse_error_payload(name: str, payload: object) -> object | None:
 def _hint(headers: dict[str, str], error_json: object | None, now: float) -> float | None:
     candidates = [
         _retry_after(headers.get("retry-after", ""), now),
+        _milliseconds(headers.get("retry-after-ms", "")),
         _duration(headers.get("x-ratelimit-reset-requests", "")),
         _duration(headers.get("x-ratelimit-reset-tokens", "")),
         _gemini_retry_delay(error_json),
@@ -537,6 +603,12 @@ def _retry_after(value: str, now: float) -> float | None:
     if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are always GMT
         when = when.replace(tzinfo=timezone.utc)
     return when.timestamp() - now  # a past date is negative, which _hint ignores
+
+
+def _milliseconds(value: str) -> float | None:
+    """``retry-after-ms`` (OpenAI): a wait in milliseconds, possibly fractional."""
+    value = value.strip()
+    return float(value) / 1000 if _NUMBER.fullmatch(value) else None
 
 
 def _duration(value: str) -> float | None:

@@ -83,6 +83,10 @@ class ClientKind:
     #: the path of this client's token-counting requests, which may keep their own
     #: failover cursor (ignore_count_tokens_failover); None when it has none
     count_tokens_path: str | None = None
+    #: paths this client's SDK may send without their version segment (its base URL can be
+    #: set with or without /v1); outbound.upstream_path puts /v1 in front of them when the
+    #: provider's base_url does not end in a version itself
+    bare_paths: tuple[str, ...] = ()
 
     def is_count_tokens(self, subpath: str) -> bool:
         """Whether a request for ``subpath`` (the path after the prefix) counts tokens."""
@@ -95,7 +99,8 @@ class ClientKind:
 
 CLAUDE_CODE = ClientKind("claudecode", "/claudecode", "claude-code.yaml", "x-api-key", _anthropic_error,
                          count_tokens_path="/v1/messages/count_tokens")
-CODEX = ClientKind("codex", "/codex", "codex.yaml", "authorization", _openai_error)
+CODEX = ClientKind("codex", "/codex", "codex.yaml", "authorization", _openai_error,
+                   bare_paths=("/responses", "/chat/completions", "/completions", "/embeddings", "/models"))
 GEMINI = ClientKind("gemini", "/gemini", "gemini.yaml", "x-goog-api-key", _gemini_error)
 
 CLIENTS: tuple[ClientKind, ...] = (CLAUDE_CODE, CODEX, GEMINI)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import math
 import os
@@ -77,14 +79,52 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+#: Hex digits of a key's SHA-256 in :meth:`Provider.key_id`: enough to tell a provider's keys apart.
+KEY_ID_LENGTH = 12
+
+
 @dataclass(frozen=True)
 class Provider:
     name: str
     base_url: str
-    api_key: str
+    #: Tried in this order; one element for a provider written with ``api_key``. Left out of
+    #: the repr so that logging or printing a Provider never shows a key.
+    api_keys: tuple[str, ...] = field(repr=False)
     priority: int = 1
     enabled: bool = True
     auth_header: str | None = None
+
+    def __post_init__(self) -> None:
+        # A bare string would pass as a tuple of one-character "keys"; an empty tuple leaves
+        # nothing to send. parse_providers never builds either; code and tests that construct
+        # a Provider by hand get the mistake at once instead of at the first request.
+        if not isinstance(self.api_keys, tuple) or not self.api_keys or \
+                not all(isinstance(key, str) and key for key in self.api_keys):
+            raise ValueError(f"provider {self.name!r}: api_keys must be a non-empty tuple of non-empty strings")
+
+    @property
+    def api_key(self) -> str:
+        """The first key, for code that has one key in mind."""
+        return self.api_keys[0]
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """A stable name for this provider as configured, for state kept across reloads.
+
+        The SHA-256 of its name, base_url and the SHA-256 of each key in order: the same
+        entry in a reloaded file has the same identity, while a changed URL or key list
+        makes it a new provider. The keys enter only as digests of digests, so the identity
+        can be logged or stored without revealing them.
+        """
+        return _sha256(json.dumps([self.name, self.base_url, [_sha256(key) for key in self.api_keys]]))
+
+    def key_id(self, index: int) -> str:
+        """A short name for key ``index`` (0-based) that never shows its value: a SHA-256 prefix."""
+        return _sha256(self.api_keys[index])[:KEY_ID_LENGTH]
 
 
 # --- durations --------------------------------------------------------------
@@ -255,6 +295,58 @@ def _type_name(value: object) -> str:
             list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
 
 
+@dataclass(frozen=True)
+class BreakerSettings:
+    """``circuit_breaker``: when a provider is taken out of the rotation for failing, and how it comes back.
+
+    After ``failure_threshold`` provider failures in a row (connect errors and resets,
+    408/5xx/529/520-524, idle timeouts) the provider is skipped for ``open_timeout``
+    seconds; then trial requests go to it, and ``success_threshold`` successes in a
+    row put it back. ``failure_threshold: 0`` turns the breaker off.
+    """
+
+    failure_threshold: int = 4
+    success_threshold: int = 2
+    open_timeout: float = 60.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.failure_threshold > 0
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be a duration above zero, got {value!r}")
+    return seconds
+
+
+_BREAKER_FIELDS: Mapping[str, Callable[[object], Any]] = {
+    "failure_threshold": _non_negative,
+    "success_threshold": _positive,
+    "open_timeout": _positive_duration,
+}
+
+
+def _circuit_breaker(value: object) -> BreakerSettings:
+    """A mapping of some of failure_threshold, success_threshold, open_timeout; the rest keep their defaults."""
+    if isinstance(value, BreakerSettings):  # already checked (the default, or a value passed back in)
+        return value
+    names = tuple(_BREAKER_FIELDS)
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping of {_or_list(names)}, got {_type_name(value)}")
+    values: dict[str, Any] = {}
+    for key, raw in value.items():
+        check = _BREAKER_FIELDS.get(key)
+        if check is None:
+            raise ValueError(f"has an unknown key {key!r} (use {_or_list(names)})")
+        try:
+            values[key] = check(raw)
+        except ValueError as exc:
+            raise ValueError(f"{key} {exc}") from None
+    return BreakerSettings(**values)
+
+
 # --- the settings of config.yaml -------------------------------------------------------
 # Each setting is one Setting in SETTINGS; everything else is made from that table:
 # the Settings dataclass, the keys parse_settings accepts and how it checks them,
@@ -319,6 +411,11 @@ SETTINGS: tuple[Setting[Any], ...] = (
             flag=Flag("--log-level", "LEVEL")),
     Setting("reactivate_after", parse_duration, default=3600.0,
             help="how long a provider stays deactivated after an auth, billing or quota error (0 = never)"),
+    Setting("circuit_breaker", _circuit_breaker, default=BreakerSettings(),
+            help="consecutive provider failures that take a provider out for open_timeout, and successes that "
+                 "bring it back (failure_threshold 0 = off)",
+            # `circuit_breaker:` with each key below it commented out is the default too.
+            blank_means_default=True),
     Setting("upstream_idle_timeout", parse_duration, default=180.0,
             help="longest wait for an upstream's response headers or its next body bytes (0 = no limit)"),
     Setting("max_request_body_bytes", _positive, default=32 * 1024 * 1024,
@@ -379,14 +476,22 @@ class Config:
     settings: Settings = field(default_factory=Settings)
     #: client name -> providers in file order (all of them, enabled or not)
     providers: Mapping[str, tuple[Provider, ...]] = field(default_factory=dict)
+    #: client name -> the name of its pinned provider, only for clients in ``mode: manual``
+    #: (a client not listed fails over automatically). The provider is enabled and in
+    #: ``providers`` of that client: load_config refuses anything else.
+    pinned: Mapping[str, str] = field(default_factory=dict)
+
+    def mode(self, client: str) -> str:
+        """``manual`` for a client with a pinned provider, else ``auto``."""
+        return "manual" if client in self.pinned else "auto"
 
     @property
     def log_dir(self) -> Path:
         return Path(self.settings.log_dir).expanduser() if self.settings.log_dir else self.config_dir / "logs"
 
     def secrets(self) -> list[str]:
-        """Every provider key and access token, for log redaction."""
-        return [p.api_key for ps in self.providers.values() for p in ps] + \
+        """Every key of every provider and every access token, for log redaction."""
+        return [key for ps in self.providers.values() for p in ps for key in p.api_keys] + \
             [t.token for t in self.settings.access_tokens]
 
 
@@ -411,15 +516,54 @@ def _auth_header(value: object) -> str:
     return carrier
 
 
-_PROVIDER_FIELDS = {
+def _one_key(value: object) -> str:
+    """A provider key, trimmed. Messages complete "<where> ..." and never show the key."""
+    key = _string(value).strip()
+    if not key:
+        raise ValueError("is empty")
+    # A key is sent in a header or a query: a space or line break inside is a paste
+    # mistake (two keys on one line, a wrapped line) that the provider would reject anyway.
+    if any(ch.isspace() or not ch.isprintable() for ch in key):
+        raise ValueError("must not contain whitespace or control characters")
+    return key
+
+
+def _api_key(value: object) -> tuple[str, ...]:
+    return (_one_key(value),)
+
+
+def _api_keys(value: object) -> tuple[str, ...]:
+    """``api_keys``: a non-empty list of distinct keys, tried in order. Items are named by position."""
+    if isinstance(value, str):
+        raise ValueError("must be a list of keys, got a string (use api_key for one key)")
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"must be a list of keys, got {_type_name(value)}")
+    if not value:
+        raise ValueError("must not be empty")
+    keys: list[str] = []
+    for position, item in enumerate(value, start=1):
+        try:
+            key = _one_key(item)
+        except ValueError as exc:
+            raise ValueError(f"item {position} {exc}") from None
+        if key in keys:
+            raise ValueError(f"item {position} duplicates item {keys.index(key) + 1}")
+        keys.append(key)
+    return tuple(keys)
+
+
+_PROVIDER_FIELDS: Mapping[str, Callable[[object], Any]] = {
     "name": _string,
     "base_url": _check_base_url,
-    "api_key": _string,
+    "api_key": _api_key,
+    "api_keys": _api_keys,
     "priority": _integer,
     "enabled": _boolean,
     "auth_header": _auth_header,
 }
-_PROVIDER_REQUIRED = ("name", "base_url", "api_key")
+_PROVIDER_REQUIRED = ("name", "base_url")
+#: The two ways to give a provider its keys; exactly one of them is required.
+_KEY_FIELDS = ("api_key", "api_keys")
 
 
 # --- files ------------------------------------------------------------------
@@ -486,15 +630,67 @@ def parse_settings(document: Any, file: str = CONFIG_FILE) -> Settings:
     return Settings(**check_settings(SETTINGS, document, file))
 
 
-def parse_providers(document: Any, file: str) -> tuple[Provider, ...]:
+#: How a client picks its provider: ``auto`` fails over by priority; ``manual`` sends
+#: everything to its pinned_provider.
+MODES = ("auto", "manual")
+
+
+@dataclass(frozen=True)
+class ClientFile:
+    """What one client file says: its providers and, in manual mode, the provider pinned."""
+
+    providers: tuple[Provider, ...] = ()
+    #: The name of an enabled provider of ``providers`` when the file says ``mode: manual``;
+    #: None in auto mode.
+    pinned: str | None = None
+
+
+def _mode(value: object) -> str:
+    mode = _string(value).strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"must be {_or_list(MODES)}, got {value!r}")
+    return mode
+
+
+def parse_client_file(document: Any, file: str) -> ClientFile:
+    """A client file: ``providers``, and beside it ``mode`` and ``pinned_provider``."""
     if document is None:
-        return ()
+        return ClientFile()
     if not isinstance(document, dict):
         raise ConfigError(file, f"must be a mapping with a providers list, got {_type_name(document)}")
     for key in document:
-        if key != "providers":
+        if key not in ("providers", "mode", "pinned_provider"):
             raise ConfigError(file, f"unknown key {key!r}")
-    entries = document.get("providers")
+    providers = _parse_provider_list(document.get("providers"), file)
+    try:
+        mode = _mode(document["mode"]) if document.get("mode") is not None else "auto"
+    except ValueError as exc:
+        raise ConfigError(file, f"mode {exc}") from None
+    pinned = document.get("pinned_provider")
+    if pinned is not None and not isinstance(pinned, str):
+        raise ConfigError(file, f"pinned_provider must be a provider name, got {_type_name(pinned)}")
+    if mode == "auto":
+        if pinned is not None:
+            # Silently ignoring it would leave the user believing the provider is pinned.
+            raise ConfigError(file, "pinned_provider is set but mode is auto; add mode: manual to pin it, "
+                                    "or remove pinned_provider")
+        return ClientFile(providers)
+    if pinned is None or not pinned.strip():
+        raise ConfigError(file, "mode: manual needs pinned_provider, the name of an enabled provider")
+    named = [p for p in providers if p.name == pinned]
+    if not named:
+        raise ConfigError(file, f'pinned_provider "{_printable(pinned)}" is not a provider of this file')
+    if not named[0].enabled:
+        raise ConfigError(file, f'pinned_provider "{_printable(pinned)}" is disabled (enabled: false)')
+    return ClientFile(providers, pinned)
+
+
+def parse_providers(document: Any, file: str) -> tuple[Provider, ...]:
+    """The providers of a client file (all of them, enabled or not), the file checked in full."""
+    return parse_client_file(document, file).providers
+
+
+def _parse_provider_list(entries: Any, file: str) -> tuple[Provider, ...]:
     if entries is None:
         return ()
     if not isinstance(entries, list):
@@ -513,8 +709,10 @@ def parse_providers(document: Any, file: str) -> tuple[Provider, ...]:
                 raise ConfigError(file, f"unknown key {key!r}", provider=label)
             if raw is None and key == "auth_header":
                 continue
-            if raw is None and key in _PROVIDER_REQUIRED:
+            if raw is None and key in _PROVIDER_REQUIRED + ("api_key",):
                 raise ConfigError(file, f"{key} is required", provider=label)
+            if key == "api_key" and isinstance(raw, str) and not raw.strip():
+                raise ConfigError(file, "api_key is required", provider=label)
             try:
                 values[key] = checker(raw)
             except ValueError as exc:
@@ -522,6 +720,13 @@ def parse_providers(document: Any, file: str) -> tuple[Provider, ...]:
         for key in _PROVIDER_REQUIRED:
             if key not in values or not str(values[key]).strip():
                 raise ConfigError(file, f"{key} is required", provider=label)
+        given = [key for key in _KEY_FIELDS if key in values]
+        if not given:
+            raise ConfigError(file, "api_key is required", provider=label)
+        if len(given) > 1:
+            raise ConfigError(file, "api_key and api_keys are both set; use api_keys alone for several keys",
+                              provider=label)
+        values["api_keys"] = values.pop(given[0])
         if values["name"] in seen:
             raise ConfigError(file, "duplicate provider name", provider=values["name"])
         seen.add(values["name"])
@@ -537,11 +742,10 @@ def load_config(config_dir: Path) -> Config:
     """
     config_dir = Path(config_dir).expanduser()
     settings = parse_settings(_read_yaml(config_dir / CONFIG_FILE))
-    providers = {
-        client.name: parse_providers(_read_yaml(config_dir / client.file), client.file)
-        for client in CLIENTS
-    }
-    return Config(config_dir=config_dir, settings=settings, providers=providers)
+    files = {client.name: parse_client_file(_read_yaml(config_dir / client.file), client.file) for client in CLIENTS}
+    return Config(config_dir=config_dir, settings=settings,
+                  providers={name: f.providers for name, f in files.items()},
+                  pinned={name: f.pinned for name, f in files.items() if f.pinned is not None})
 
 
 def config_files(config_dir: Path) -> list[Path]:

@@ -7,8 +7,9 @@ nothing about the request changes except what the rules below say.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from urllib.parse import quote, unquote_plus
+from urllib.parse import quote, unquote_plus, urlsplit
 
 from .clients import ClientKind
 from .config import Provider
@@ -34,6 +35,48 @@ class UpstreamRequest:
     method: str
     url: str
     headers: Headers
+
+
+#: The API version segments that never appear twice in a row in an upstream path.
+VERSION_SEGMENTS = ("v1", "v1beta", "v1alpha")
+#: A base_url whose last segment looks like this already names an API version (/v1, /v4, /v1beta).
+_VERSION_LIKE = re.compile(r"v\d")
+
+
+def _segments(path: str) -> list[str]:
+    """``/v1/messages`` -> ``["v1", "messages"]``; a trailing slash leaves a last empty segment."""
+    return path[1:].split("/") if path.startswith("/") else path.split("/")
+
+
+def upstream_path(base_url: str, path: str, client: ClientKind) -> str:
+    """The part of the request path that goes after ``base_url``.
+
+    Users copy a provider's base URL with or without its version (``https://api.openai.com``
+    or ``https://api.openai.com/v1``), and agents' SDKs differ in whether the version is
+    in their own base URL; every combination must reach the same upstream path:
+
+    * a version segment is never doubled: ``/v1/v1/x`` is ``/v1/x``, and when base_url ends
+      in the version the path starts with, the path drops it;
+    * for a client with bare paths (Codex: its base URL may be ``…/codex`` rather than
+      ``…/codex/v1``), a bare path gets ``/v1`` in front unless base_url's last segment
+      already looks like a version (``/v1``, ``/v4``, ``/v1beta``: providers that put their
+      API under another version keep it).
+
+    Segments are compared as sent, so the path keeps the client's percent-encoding.
+    """
+    if not path.strip("/"):
+        return path
+    parts = _segments(path)
+    while len(parts) > 1 and parts[0] in VERSION_SEGMENTS and parts[1] == parts[0]:
+        del parts[0]
+    base = urlsplit(base_url).path.rstrip("/")
+    base_last = base.rsplit("/", 1)[-1]
+    if base_last in VERSION_SEGMENTS and parts[0] == base_last:
+        del parts[0]
+    elif not _VERSION_LIKE.match(base_last) and any(
+            parts[:len(bare)] == bare for bare in map(_segments, client.bare_paths)):
+        parts.insert(0, "v1")
+    return "/" + "/".join(parts) if parts else ""
 
 
 def join_url(base_url: str, path: str, query: str) -> str:
@@ -128,18 +171,20 @@ def client_credentials(headers: Headers, query: str) -> list[ClientCredential]:
     return found
 
 
-def choose_carrier(provider: Provider, client: ClientKind, client_carrier: str | None) -> str:
-    """Where the provider's key goes: the one place this is decided.
+def choose_carrier(provider: Provider, key: str, client: ClientKind, client_carrier: str | None) -> str:
+    """Where ``key``, one of the provider's keys, goes: the one place this is decided.
 
     1. the provider's ``auth_header`` when set;
     2. ``x-api-key`` for an Anthropic API key, which the official API rejects
        as a Bearer token (Claude Code itself sends its token as Bearer);
     3. wherever the client put its own credential;
     4. the client's default.
+
+    Rule 2 looks at the key being sent: a provider's keys need not all be of one kind.
     """
     if provider.auth_header:
         return provider.auth_header
-    if provider.api_key.startswith("sk-ant-api"):
+    if key.startswith("sk-ant-api"):
         return "x-api-key"
     return client_carrier or client.default_carrier
 
@@ -151,11 +196,15 @@ def build_upstream_request(
     query: str,
     headers: Headers,
     provider: Provider,
+    key: str,
     client: ClientKind,
     remote_addr: str,
     scheme: str = "http",
 ) -> UpstreamRequest:
-    """Everything about one attempt except the body, which is sent as received."""
+    """Everything about one attempt except the body, which is sent as received.
+
+    ``key`` is the one of the provider's keys this attempt sends.
+    """
     original_host = ""
     forwarded_for = ""
     client_carrier: str | None = None
@@ -179,8 +228,7 @@ def build_upstream_request(
     if client_carrier is None and query_param is not None:
         client_carrier = "query"
 
-    carrier = choose_carrier(provider, client, client_carrier)
-    key = provider.api_key
+    carrier = choose_carrier(provider, key, client, client_carrier)
     if carrier == "query":
         param = f"{query_param or 'key'}={quote(key, safe='')}"
         query = f"{query}&{param}" if query else param
@@ -196,4 +244,5 @@ def build_upstream_request(
     if original_host:
         kept.append(("X-Forwarded-Host", original_host))
 
-    return UpstreamRequest(method=method, url=join_url(provider.base_url, path, query), headers=kept)
+    url = join_url(provider.base_url, upstream_path(provider.base_url, path, client), query)
+    return UpstreamRequest(method=method, url=url, headers=kept)

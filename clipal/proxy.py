@@ -178,7 +178,7 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
     try:
         for provider in pool.candidates(lane):
             request = build_upstream_request(
-                method=method, path=subpath, query=query, headers=headers, provider=provider,
+                method=method, path=subpath, query=query, headers=headers, provider=provider, key=provider.api_key,
                 client=client, remote_addr=environ.get("REMOTE_ADDR", ""),
                 scheme=environ.get("wsgi.url_scheme", "http"),
             )

@@ -12,15 +12,18 @@ import pytest
 from requests.structures import CaseInsensitiveDict
 
 from clipal.classify import (
+    FAILOVER_STATUSES,
     MAX_COOLDOWN,
     RETURN,
     Kind,
     Verdict,
+    classify_answer,
     classify_response,
     classify_sse_error,
+    provider_failure,
     retry_hint,
 )
-from encoders import encoded, encoded_stream, raw_deflate
+from encoders import CODINGS, encoded, encoded_stream, raw_deflate
 
 NOW = 1_700_000_000.0
 SECRET = "sk-ant-api03-SECRETSECRET"  # echoed by some upstream messages; must never reach a reason
@@ -79,6 +82,12 @@ STATUS_ROWS = [
     (503, Kind.SERVER_ERROR, False, "server error (503)"),
     (504, Kind.SERVER_ERROR, False, "server error (504)"),
     (529, Kind.OVERLOADED, False, "overloaded (529)"),
+    # Cloudflare: the origin behind it is down, refused, timed out, unreachable or slow (as a 502)
+    (520, Kind.SERVER_ERROR, False, "server error (520)"),
+    (521, Kind.SERVER_ERROR, False, "server error (521)"),
+    (522, Kind.SERVER_ERROR, False, "server error (522)"),
+    (523, Kind.SERVER_ERROR, False, "server error (523)"),
+    (524, Kind.SERVER_ERROR, False, "server error (524)"),
 ]
 
 
@@ -87,7 +96,7 @@ def test_failover_statuses(status, kind, deactivate, reason):
     assert classify_response(status, {}, b"", now=NOW) == Verdict(True, kind, deactivate, None, reason)
 
 
-@pytest.mark.parametrize("status", [200, 201, 204, 301, 304, 400, 404, 409, 413, 422, 501, 505, 520, 524, 599])
+@pytest.mark.parametrize("status", [200, 201, 204, 301, 304, 400, 404, 409, 413, 422, 501, 505, 519, 525, 526, 599])
 def test_other_statuses_are_returned(status):
     # Even an error-looking body cannot make a returned status fail over.
     assert classify_response(status, {"Retry-After": "9"}, body(anthropic("overloaded_error")), now=NOW) is RETURN
@@ -102,10 +111,20 @@ def test_overloaded_error_body_on_a_5xx_counts_as_overloaded():
     assert verdict == Verdict(True, Kind.OVERLOADED, False, None, "overloaded (500): overloaded_error")
 
 
-@pytest.mark.parametrize("status", [401, 402, 403, 408, 429, 500, 503, 529])
+@pytest.mark.parametrize("status", [401, 402, 403, 408, 429, 500, 503, 529, 520, 524])
 def test_every_failover_verdict_carries_the_hint(status):
     verdict = classify_response(status, {"Retry-After": "42"}, b"", now=NOW)
     assert verdict.failover and verdict.cooldown == 42.0
+
+
+def test_an_overloaded_error_behind_cloudflare_counts_as_overloaded():
+    verdict = classify_response(522, {}, body(anthropic("overloaded_error", "Overloaded")), now=NOW)
+    assert verdict == Verdict(True, Kind.OVERLOADED, False, None, "overloaded (522): overloaded_error")
+
+
+def test_every_status_that_can_fail_over_has_its_body_read():
+    failing = {row[0] for row in STATUS_ROWS} | {400, 429}
+    assert FAILOVER_STATUSES == failing
 
 
 # --------------------------------------------------------------------------- 429 bodies
@@ -257,6 +276,83 @@ def test_random_bytes_never_raise():
             classify_sse_error(candidate, now=NOW)
 
 
+# --------------------------------------------------------------------------- 400 bodies
+
+#: What the Gemini API answers for a bad key.
+GEMINI_BAD_KEY = gemini(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.", {
+    "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID", "domain": "googleapis.com",
+    "metadata": {"service": "generativelanguage.googleapis.com"}})
+#: What Anthropic answers for an account out of credit.
+ANTHROPIC_NO_CREDIT = anthropic("invalid_request_error", "Your credit balance is too low to access the Anthropic "
+                                                         "API. Please go to Plans & Billing to upgrade or purchase "
+                                                         "credits.")
+AUTH_400 = Verdict(True, Kind.AUTH, True, None, "auth error (400): api_key_invalid")
+BILLING_400 = Verdict(True, Kind.BILLING, True, None, "billing error (400): credit balance is too low")
+
+ROWS_400 = [
+    ("gemini bad key", GEMINI_BAD_KEY, AUTH_400),
+    ("gemini ErrorInfo reason only", gemini(400, "INVALID_ARGUMENT", f"key {SECRET} refused", {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}), AUTH_400),
+    ("gemini message only", gemini(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key."),
+     Verdict(True, Kind.AUTH, True, None, "auth error (400): api key not valid")),
+    ("gemini stream-array shape", [GEMINI_BAD_KEY], AUTH_400),
+    ("a relay's reshaped bad key", openai(f"API key not valid: {SECRET}", "invalid_request_error", None),
+     Verdict(True, Kind.AUTH, True, None, "auth error (400): api key not valid")),
+    ("anthropic no credit", ANTHROPIC_NO_CREDIT, BILLING_400),
+    ("anthropic no credit, other case", anthropic("invalid_request_error", "Your CREDIT BALANCE IS TOO LOW."),
+     BILLING_400),
+]
+
+
+@pytest.mark.parametrize("obj,verdict", [row[1:] for row in ROWS_400], ids=[row[0] for row in ROWS_400])
+def test_a_400_about_the_key_or_the_account_fails_over(obj, verdict):
+    assert classify_response(400, {}, body(obj), now=NOW) == verdict
+    assert SECRET not in verdict.reason
+
+
+@pytest.mark.parametrize("coding", CODINGS)
+@pytest.mark.parametrize("obj,verdict", [(GEMINI_BAD_KEY, AUTH_400), (ANTHROPIC_NO_CREDIT, BILLING_400)],
+                         ids=["gemini bad key", "anthropic no credit"])
+def test_an_encoded_400_is_read_like_its_plain_twin(coding, obj, verdict):
+    headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+    assert classify_response(400, headers, encoded(coding, body(obj)), now=NOW) == verdict
+
+
+def test_a_gzip_400_without_a_header_is_still_read():
+    assert classify_response(400, {}, gzip.compress(body(GEMINI_BAD_KEY)), now=NOW) == AUTH_400
+
+
+OTHER_400S = [
+    ("anthropic prompt too long", anthropic("invalid_request_error", "prompt is too long: 210000 tokens > 200000")),
+    ("anthropic credit phrase in another type", anthropic("api_error", "credit balance is too low")),
+    ("credit phrase without a type", {"error": {"message": "Your credit balance is too low"}}),
+    ("openai bad param", openai("Unsupported parameter: 'temperature'", "invalid_request_error",
+                                "unsupported_parameter")),
+    ("gemini invalid argument", gemini(400, "INVALID_ARGUMENT", "Request contains an invalid argument.")),
+    ("gemini other ErrorInfo", gemini(400, "FAILED_PRECONDITION", "User location is not supported", {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "LOCATION_NOT_SUPPORTED"})),
+    ("auth type at 400", anthropic("authentication_error", "invalid x-api-key")),
+    ("quota code at 400", openai("You exceeded your current quota", "insufficient_quota", "insufficient_quota")),
+    ("overloaded at 400", anthropic("overloaded_error", "Overloaded")),
+]
+
+
+@pytest.mark.parametrize("obj", [row[1] for row in OTHER_400S], ids=[row[0] for row in OTHER_400S])
+def test_every_other_400_is_returned_as_is(obj):
+    assert classify_response(400, {"Retry-After": "9"}, body(obj), now=NOW) is RETURN
+
+
+@pytest.mark.parametrize("payload", [b"", b"<html>Bad Request</html>", b"\x1f\x8b\x00garbage", body({"error": None})],
+                         ids=["empty", "html", "corrupt gzip", "null error"])
+def test_an_unreadable_400_is_returned_as_is(payload):
+    assert classify_response(400, {"Content-Encoding": "gzip"}, payload, now=NOW) is RETURN
+    assert classify_answer(400, {}, payload, None, now=NOW) is RETURN
+
+
+def test_a_400_that_fails_over_carries_the_hint():
+    assert classify_response(400, {"Retry-After": "30"}, body(GEMINI_BAD_KEY), now=NOW).cooldown == 30.0
+
+
 # --------------------------------------------------------------------------- hints
 
 HTTP_DATE_IN_2_MIN = formatdate(NOW + 120, usegmt=True)
@@ -307,6 +403,22 @@ DURATION_ROWS = [
 def test_ratelimit_reset_headers(header, value, expected):
     hint = retry_hint({header: value}, None, now=NOW)
     assert hint == pytest.approx(expected) if expected is not None else hint is None
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("3000", 3.0), ("250", 0.25), ("1500.5", 1.5005), (" 20 ", 0.02), ("0", 0.0),
+    ("-5", None), ("3s", None), ("soon", None), ("", None),
+])
+def test_retry_after_ms(value, expected):
+    hint = retry_hint({"retry-after-ms": value}, None, now=NOW)
+    assert hint == pytest.approx(expected) if expected is not None else hint is None
+
+
+def test_retry_after_ms_takes_part_in_the_largest_of_rule_and_is_capped():
+    assert retry_hint({"Retry-After": "2", "retry-after-ms": "3000"}, None, now=NOW) == 3.0
+    assert retry_hint({"Retry-After": "5", "Retry-After-Ms": "3000"}, None, now=NOW) == 5.0
+    assert retry_hint({"retry-after-ms": "999999999"}, None, now=NOW) == MAX_COOLDOWN
+    assert classify_response(429, {"retry-after-ms": "3000"}, b"", now=NOW).cooldown == 3.0
 
 
 @pytest.mark.parametrize(
@@ -445,6 +557,10 @@ SSE_FAILOVER_ROWS = [
      "SSE error event: server error (503)"),
     ("gemini status only", sse({"error": {"message": "internal", "status": "INTERNAL"}}), Kind.SERVER_ERROR,
      "SSE error event: server error (500)"),
+    ("gemini bad key", sse(GEMINI_BAD_KEY), Kind.AUTH, "SSE error event: auth error (400): api_key_invalid"),
+    # The 400 rows hold in a stream too
+    ("anthropic no credit", sse(ANTHROPIC_NO_CREDIT, "error"), Kind.BILLING,
+     "SSE error event: billing error (400): credit balance is too low"),
 ]
 
 
@@ -514,3 +630,67 @@ def test_sse_non_failover_event(event):
 )
 def test_sse_framing_variants(event):
     assert classify_sse_error(event, now=NOW).kind is Kind.OVERLOADED
+
+
+# --------------------------------------------------------------------------- scope
+
+#: Every kind: (key_scoped, counts_for_breaker).
+SCOPES = {
+    Kind.AUTH: (True, False),
+    Kind.BILLING: (True, False),
+    Kind.QUOTA: (True, False),
+    Kind.RATE_LIMIT: (True, False),
+    Kind.OVERLOADED: (False, True),
+    Kind.SERVER_ERROR: (False, True),
+    Kind.TIMEOUT: (False, True),
+    Kind.INCOMPLETE: (False, True),
+}
+
+
+def test_every_kind_has_a_scope():
+    assert set(SCOPES) == set(Kind)
+
+
+@pytest.mark.parametrize("kind", list(Kind), ids=lambda kind: kind.value)
+def test_scope_of_each_kind(kind):
+    assert (kind.key_scoped, kind.counts_for_breaker) == SCOPES[kind]
+
+
+@pytest.mark.parametrize("status, obj, key_scoped", [
+    (401, None, True), (403, None, True), (402, None, True),
+    (429, None, True),  # a plain rate limit: the key's, another key may have room
+    (429, openai("You exceeded your current quota", "insufficient_quota", "insufficient_quota"), True),
+    (429, anthropic("authentication_error"), True),
+    (400, GEMINI_BAD_KEY, True), (400, ANTHROPIC_NO_CREDIT, True),
+    (408, None, False), (500, None, False), (502, None, False), (503, None, False), (504, None, False),
+    (529, None, False), (520, None, False), (521, None, False), (522, None, False), (523, None, False),
+    (524, None, False), (500, anthropic("overloaded_error"), False),
+])
+def test_scope_of_each_failing_status(status, obj, key_scoped):
+    verdict = classify_response(status, {}, body(obj) if obj else b"", now=NOW)
+    assert verdict.failover
+    assert (verdict.key_scoped, verdict.counts_for_breaker) == (key_scoped, not key_scoped)
+
+
+@pytest.mark.parametrize("event, key_scoped", [
+    (sse(anthropic("overloaded_error", "Overloaded"), "error"), False),
+    (sse(anthropic("api_error"), "error"), False),
+    (sse(gemini(503, "UNAVAILABLE", "The model is overloaded.")), False),
+    (sse(anthropic("authentication_error"), "error"), True),
+    (sse(anthropic("rate_limit_error"), "error"), True),
+    (sse(ANTHROPIC_NO_CREDIT, "error"), True),
+    (sse(GEMINI_BAD_KEY), True),
+], ids=["overloaded", "api error", "gemini unavailable", "authentication", "rate limit", "no credit", "gemini key"])
+def test_an_sse_error_takes_the_scope_of_the_status_it_implies(event, key_scoped):
+    verdict = classify_sse_error(event, now=NOW)
+    assert (verdict.key_scoped, verdict.counts_for_breaker) == (key_scoped, not key_scoped)
+
+
+@pytest.mark.parametrize("kind", [Kind.SERVER_ERROR, Kind.TIMEOUT, Kind.INCOMPLETE])
+def test_failures_clipal_saw_itself_are_the_providers(kind):
+    verdict = provider_failure("stream ended before its last event", kind)
+    assert verdict.failover and not verdict.key_scoped and verdict.counts_for_breaker
+
+
+def test_a_returned_answer_has_no_scope():
+    assert not RETURN.key_scoped and not RETURN.counts_for_breaker

@@ -8,18 +8,23 @@ reads as ONE line naming the file, the provider (when any) and the field.
 
 from __future__ import annotations
 
+import hashlib
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from clipal.config import (
+    BreakerSettings,
+    ClientFile,
     ConfigError,
     Provider,
     Settings,
     active_providers,
     load_config,
+    parse_client_file,
     parse_duration,
+    parse_providers,
 )
 from clipal.failover import ProviderPool
 
@@ -60,6 +65,7 @@ def test_every_setting_has_its_documented_default(tmp_path):
     assert s.port == 3333
     assert s.log_level == "info"
     assert s.reactivate_after == 3600
+    assert s.circuit_breaker == BreakerSettings(failure_threshold=4, success_threshold=2, open_timeout=60)
     assert s.upstream_idle_timeout == 180
     assert s.max_request_body_bytes == 33554432
     assert s.log_dir == "" and config.log_dir == tmp_path / "logs"
@@ -90,6 +96,7 @@ def test_every_setting_can_be_set(tmp_path):
         port: 4444
         log_level: debug
         reactivate_after: 30m
+        circuit_breaker: {{failure_threshold: 3, success_threshold: 1, open_timeout: 10s}}
         upstream_idle_timeout: 45s
         max_request_body_bytes: 1000
         log_dir: {tmp_path / "elsewhere"}
@@ -100,6 +107,7 @@ def test_every_setting_can_be_set(tmp_path):
     config = load_config(tmp_path)
     assert config.settings == Settings(
         listen_addr="0.0.0.0", port=4444, log_level="debug", reactivate_after=1800,
+        circuit_breaker=BreakerSettings(3, 1, 10.0),
         upstream_idle_timeout=45, max_request_body_bytes=1000, log_dir=str(tmp_path / "elsewhere"),
         log_retention_days=30, log_stdout=False, ignore_count_tokens_failover=True,
     )
@@ -131,6 +139,67 @@ def test_zero_durations_written_with_a_unit_or_quoted_are_zero_too(tmp_path):
     assert (s.reactivate_after, s.upstream_idle_timeout) == (0, 0)
 
 
+# --- circuit_breaker ---------------------------------------------------------------
+
+
+def test_circuit_breaker_defaults():
+    default = Settings().circuit_breaker
+    assert default == BreakerSettings(failure_threshold=4, success_threshold=2, open_timeout=60.0)
+    assert default.enabled
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("circuit_breaker:\n", BreakerSettings()),
+    ("circuit_breaker: {}\n", BreakerSettings()),
+    ("circuit_breaker: {failure_threshold: 7}\n", BreakerSettings(7, 2, 60.0)),
+    ("circuit_breaker: {success_threshold: 1}\n", BreakerSettings(4, 1, 60.0)),
+    ("circuit_breaker: {open_timeout: 1m30s}\n", BreakerSettings(4, 2, 90.0)),
+    ("circuit_breaker: {open_timeout: 500ms}\n", BreakerSettings(4, 2, 0.5)),
+    ("circuit_breaker: {open_timeout: 45}\n", BreakerSettings(4, 2, 45.0)),
+    ("circuit_breaker:\n  failure_threshold: 0\n  success_threshold: 3\n  open_timeout: 2h\n",
+     BreakerSettings(0, 3, 7200.0)),
+])
+def test_circuit_breaker_keys_are_each_optional(tmp_path, text, expected):
+    write(tmp_path, "config.yaml", text)
+    assert load_config(tmp_path).settings.circuit_breaker == expected
+
+
+def test_failure_threshold_zero_turns_the_breaker_off():
+    assert not BreakerSettings(failure_threshold=0).enabled
+    assert BreakerSettings(failure_threshold=1).enabled
+
+
+@pytest.mark.parametrize("text, message", [
+    ("circuit_breaker: 4\n", "circuit_breaker must be a mapping of failure_threshold, success_threshold or "
+                              "open_timeout, got a number"),
+    ("circuit_breaker: [4]\n", "circuit_breaker must be a mapping of failure_threshold, success_threshold or "
+                                "open_timeout, got a list"),
+    ("circuit_breaker: {failures: 4}\n", "circuit_breaker has an unknown key 'failures' (use failure_threshold, "
+                                          "success_threshold or open_timeout)"),
+    ("circuit_breaker: {failure_threshold: -1}\n", "circuit_breaker failure_threshold must be zero or positive, "
+                                                    "got -1"),
+    ("circuit_breaker: {failure_threshold: 2.5}\n", "circuit_breaker failure_threshold must be an integer, "
+                                                     "got a number"),
+    ("circuit_breaker: {failure_threshold: true}\n", "circuit_breaker failure_threshold must be an integer, "
+                                                      "got a boolean"),
+    ("circuit_breaker: {failure_threshold: null}\n", "circuit_breaker failure_threshold must be an integer, "
+                                                      "got nothing"),
+    ("circuit_breaker: {success_threshold: 0}\n", "circuit_breaker success_threshold must be positive, got 0"),
+    ("circuit_breaker: {success_threshold: '2'}\n", "circuit_breaker success_threshold must be an integer, "
+                                                     "got a string"),
+    ("circuit_breaker: {open_timeout: 0}\n", "circuit_breaker open_timeout must be a duration above zero, got 0"),
+    ("circuit_breaker: {open_timeout: 0s}\n", "circuit_breaker open_timeout must be a duration above zero, "
+                                               "got '0s'"),
+    ("circuit_breaker: {open_timeout: soon}\n", "circuit_breaker open_timeout invalid duration 'soon' "
+                                                 "(use e.g. 90s, 3m, 1h30m, 0)"),
+    ("circuit_breaker: {open_timeout: -5s}\n", "circuit_breaker open_timeout invalid duration '-5s' "
+                                                "(use e.g. 90s, 3m, 1h30m, 0)"),
+])
+def test_bad_circuit_breaker(tmp_path, text, message):
+    write(tmp_path, "config.yaml", text)
+    assert str(load_error(tmp_path)) == f"config.yaml: {message}"
+
+
 # --- durations -------------------------------------------------------------------
 
 
@@ -160,8 +229,9 @@ def test_durations_in_the_file(tmp_path):
 def test_provider_defaults(tmp_path):
     write(tmp_path, "codex.yaml", PROVIDER)
     (p,) = load_config(tmp_path).providers["codex"]
-    assert p == Provider(name="p", base_url="https://api.example.com", api_key="sk-p")
+    assert p == Provider(name="p", base_url="https://api.example.com", api_keys=("sk-p",))
     assert (p.priority, p.enabled, p.auth_header) == (1, True, None)
+    assert p.api_key == "sk-p"
 
 
 def test_provider_fields(tmp_path):
@@ -175,7 +245,7 @@ def test_provider_fields(tmp_path):
             auth_header: Query
         """)
     (p,) = load_config(tmp_path).providers["gemini"]
-    assert p == Provider("g", "https://proxy.example.com/google/", "AIza-key", 3, False, "query")
+    assert p == Provider("g", "https://proxy.example.com/google/", ("AIza-key",), 3, False, "query")
 
 
 @pytest.mark.parametrize("carrier", ["x-api-key", "authorization", "x-goog-api-key", "query"])
@@ -217,7 +287,194 @@ def test_same_provider_name_in_different_files_is_fine(tmp_path):
 def test_secrets_lists_every_provider_key(tmp_path):
     write(tmp_path, "codex.yaml", PROVIDER)
     write(tmp_path, "gemini.yaml", PROVIDER.replace("sk-p", "AIza-g"))
-    assert sorted(load_config(tmp_path).secrets()) == ["AIza-g", "sk-p"]
+    write(tmp_path, "claude-code.yaml", provider_file(name="c", base_url="https://c.example.com",
+                                                      api_keys="[sk-c1, sk-c2, sk-c3]"))
+    write(tmp_path, "config.yaml", "access_tokens: [an-access-token-0123456789]\n")
+    assert sorted(load_config(tmp_path).secrets()) == ["AIza-g", "an-access-token-0123456789", "sk-c1", "sk-c2",
+                                                        "sk-c3", "sk-p"]
+
+
+# --- several keys per provider --------------------------------------------------------
+
+
+def test_api_keys_are_kept_in_order_and_trimmed_and_api_key_is_the_first(tmp_path):
+    write(tmp_path, "codex.yaml", provider_file(name="x", base_url="https://api.example.com",
+                                                api_keys='["  sk-one ", sk-two, "sk-three\\t"]'))
+    (p,) = load_config(tmp_path).providers["codex"]
+    assert p.api_keys == ("sk-one", "sk-two", "sk-three")
+    assert p.api_key == "sk-one"
+
+
+def test_api_key_is_trimmed_and_becomes_a_one_key_tuple(tmp_path):
+    write(tmp_path, "codex.yaml", provider_file(name="x", base_url="https://api.example.com", api_key='" sk-x\\n"'))
+    (p,) = load_config(tmp_path).providers["codex"]
+    assert (p.api_keys, p.api_key) == (("sk-x",), "sk-x")
+
+
+def test_api_key_is_read_only():
+    p = Provider("x", "https://api.example.com", ("sk-1", "sk-2"))
+    with pytest.raises(AttributeError):
+        p.api_key = "sk-3"  # type: ignore[misc]
+
+
+KEY = "sk-SECRET-key-value-0123"
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"api_key": KEY, "api_keys": f"[{KEY}-2]"},
+     "api_key and api_keys are both set; use api_keys alone for several keys"),
+    ({}, "api_key is required"),
+    ({"api_keys": "[]"}, "api_keys must not be empty"),
+    ({"api_keys": "null"}, "api_keys must be a list of keys, got nothing"),
+    ({"api_keys": "''"}, "api_keys must be a list of keys, got a string (use api_key for one key)"),
+    ({"api_keys": KEY}, "api_keys must be a list of keys, got a string (use api_key for one key)"),
+    ({"api_keys": "{a: b}"}, "api_keys must be a list of keys, got a mapping"),
+    ({"api_keys": f'[{KEY}, ""]'}, "api_keys item 2 is empty"),
+    ({"api_keys": f'[{KEY}, "   "]'}, "api_keys item 2 is empty"),
+    ({"api_keys": f"[{KEY}, 12345]"}, "api_keys item 2 must be a string, got a number"),
+    ({"api_keys": f"[{KEY}, [{KEY}]]"}, "api_keys item 2 must be a string, got a list"),
+    ({"api_keys": f"[{KEY}-a, {KEY}-b, {KEY}-a]"}, "api_keys item 3 duplicates item 1"),
+    ({"api_keys": f'["{KEY}", " {KEY}  "]'}, "api_keys item 2 duplicates item 1"),  # equal once trimmed
+    ({"api_keys": f'[{KEY}, "{KEY[:5]} {KEY[5:]}"]'}, "api_keys item 2 must not contain whitespace or control "
+                                                      "characters"),
+    ({"api_keys": f'["{KEY}\\u0007"]'}, "api_keys item 1 must not contain whitespace or control characters"),
+    ({"api_key": f'"{KEY[:5]}\\n{KEY[5:]}"'}, "api_key must not contain whitespace or control characters"),
+    ({"api_key": f'"{KEY}\\u200b"'}, "api_key must not contain whitespace or control characters"),
+    ({"api_key": '"  "'}, "api_key is required"),
+])
+def test_bad_keys_are_named_by_position_never_by_value(tmp_path, keys, message):
+    write(tmp_path, "codex.yaml", provider_file(name="x", base_url="https://api.example.com", **keys))
+    text = str(load_error(tmp_path))
+    assert text == f'codex.yaml: provider "x": {message}'
+    assert KEY[:5] not in text
+
+
+def test_a_provider_needs_a_non_empty_tuple_of_keys_when_built_by_hand():
+    for keys in ((), "sk-abc", ("sk-a", ""), ["sk-a"]):
+        with pytest.raises(ValueError, match="api_keys must be a non-empty tuple"):
+            Provider("x", "https://api.example.com", keys)  # type: ignore[arg-type]
+
+
+def test_the_repr_of_a_provider_shows_no_key():
+    p = Provider("x", "https://api.example.com", (KEY, KEY + "-2"))
+    assert KEY not in repr(p) and "x" in repr(p)
+
+
+# --- identity: state that survives a reload ------------------------------------------
+
+
+def _provider(name: str = "x", base_url: str = "https://api.example.com", keys: tuple[str, ...] = ("sk-1", "sk-2"),
+              **extra: object) -> Provider:
+    return Provider(name, base_url, keys, **extra)  # type: ignore[arg-type]
+
+
+def test_identity_is_a_sha256_hex_digest_stable_across_equal_providers():
+    identity = _provider().identity
+    assert len(identity) == 64 and int(identity, 16) >= 0
+    assert _provider().identity == identity
+    # what only decides the order or the carrier is not part of who the provider is
+    assert _provider(priority=5, enabled=False, auth_header="query").identity == identity
+
+
+def test_identity_is_the_same_when_the_file_is_read_again(tmp_path):
+    write(tmp_path, "codex.yaml", provider_file(name="x", base_url="https://api.example.com",
+                                                api_keys="[sk-1, sk-2]"))
+    (first,) = load_config(tmp_path).providers["codex"]
+    write(tmp_path, "codex.yaml", provider_file(name="x", base_url="https://api.example.com",
+                                                api_keys="[' sk-1', sk-2]", priority=2))
+    (again,) = load_config(tmp_path).providers["codex"]
+    assert again.identity == first.identity == _provider().identity
+
+
+def test_identity_changes_with_name_url_each_key_and_their_order():
+    identity = _provider().identity
+    others = [_provider(name="y"), _provider(base_url="https://api.example.com/v1"), _provider(keys=("sk-1",)),
+              _provider(keys=("sk-1", "sk-3")), _provider(keys=("sk-2", "sk-1")),
+              _provider(keys=("sk-1", "sk-2", "sk-3"))]
+    identities = [other.identity for other in others]
+    assert identity not in identities and len(set(identities)) == len(identities)
+
+
+def test_identity_does_not_confuse_where_one_field_ends_and_the_next_begins():
+    assert _provider(name="ab", base_url="https://c.example.com").identity != \
+        _provider(name="a", base_url="bhttps://c.example.com").identity
+    assert _provider(keys=("sk-ab", "sk-c")).identity != _provider(keys=("sk-a", "sk-bsk-c")).identity
+
+
+def test_identity_never_contains_a_key_nor_a_key_digest():
+    p = _provider(keys=(KEY, KEY + "-2"))
+    digests = [hashlib.sha256(key.encode()).hexdigest() for key in p.api_keys]
+    assert KEY not in p.identity and p.identity not in digests
+    assert KEY not in p.key_id(0) + p.key_id(1)
+
+
+def test_key_id_is_a_short_sha256_prefix_of_that_key():
+    p = _provider(keys=(KEY, KEY + "-2"))
+    assert p.key_id(0) == hashlib.sha256(KEY.encode()).hexdigest()[:12]
+    assert p.key_id(1) == hashlib.sha256((KEY + "-2").encode()).hexdigest()[:12]
+    assert p.key_id(0) != p.key_id(1)
+    assert p.key_id(-1) == p.key_id(1)
+    with pytest.raises(IndexError):
+        p.key_id(2)
+
+
+# --- mode: auto or manual with a pinned provider ----------------------------------------
+
+TWO = ("providers:\n  - {name: a, base_url: 'https://a.example.com', api_key: sk-a}\n"
+       "  - {name: b, base_url: 'https://b.example.com', api_key: sk-b, priority: 2}\n"
+       "  - {name: 'off', base_url: 'https://c.example.com', api_key: sk-c, enabled: false}\n")
+
+
+def test_mode_is_auto_by_default_and_nothing_is_pinned(tmp_path):
+    write(tmp_path, "codex.yaml", TWO)
+    write(tmp_path, "gemini.yaml", TWO + "mode: auto\n")
+    config = load_config(tmp_path)
+    assert dict(config.pinned) == {}
+    assert [config.mode(name) for name in ("claudecode", "codex", "gemini")] == ["auto"] * 3
+
+
+def test_manual_mode_pins_the_named_provider_of_that_file_only(tmp_path):
+    write(tmp_path, "codex.yaml", "mode: manual\npinned_provider: b\n" + TWO)
+    write(tmp_path, "gemini.yaml", TWO)
+    write(tmp_path, "claude-code.yaml", TWO + "mode: Manual\npinned_provider: a\n")
+    config = load_config(tmp_path)
+    assert dict(config.pinned) == {"codex": "b", "claudecode": "a"}
+    assert (config.mode("codex"), config.mode("gemini"), config.mode("claudecode")) == ("manual", "auto", "manual")
+    assert [p.name for p in config.providers["codex"]] == ["a", "b", "off"]  # the providers are unchanged
+
+
+def test_parse_client_file_says_what_the_file_says():
+    document = {"mode": "manual", "pinned_provider": "a",
+                "providers": [{"name": "a", "base_url": "https://a.example.com", "api_key": "sk-a"}]}
+    parsed = parse_client_file(document, "codex.yaml")
+    assert parsed == ClientFile((Provider("a", "https://a.example.com", ("sk-a",)),), "a")
+    assert parse_client_file(None, "codex.yaml") == ClientFile((), None)
+    assert parse_providers(document, "codex.yaml") == parsed.providers
+
+
+@pytest.mark.parametrize("text, message", [
+    ("mode: manual\n", "mode: manual needs pinned_provider, the name of an enabled provider"),
+    ("mode: manual\npinned_provider: ''\n", "mode: manual needs pinned_provider, the name of an enabled provider"),
+    ("mode: manual\npinned_provider: zed\n", 'pinned_provider "zed" is not a provider of this file'),
+    ("mode: manual\npinned_provider: A\n", 'pinned_provider "A" is not a provider of this file'),
+    ("mode: manual\npinned_provider: 'off'\n", 'pinned_provider "off" is disabled (enabled: false)'),
+    ("mode: manual\npinned_provider: [a]\n", "pinned_provider must be a provider name, got a list"),
+    ("pinned_provider: a\n", "pinned_provider is set but mode is auto; add mode: manual to pin it, "
+                              "or remove pinned_provider"),
+    ("mode: auto\npinned_provider: a\n", "pinned_provider is set but mode is auto; add mode: manual to pin it, "
+                                           "or remove pinned_provider"),
+    ("mode: pinned\n", "mode must be auto or manual, got 'pinned'"),
+    ("mode: true\n", "mode must be a string, got a boolean"),
+    ("pinned: a\n", "unknown key 'pinned'"),
+])
+def test_bad_mode_or_pinned_provider(tmp_path, text, message):
+    write(tmp_path, "codex.yaml", TWO + text)
+    assert str(load_error(tmp_path)) == f"codex.yaml: {message}"
+
+
+def test_manual_mode_in_a_file_without_providers_names_no_provider(tmp_path):
+    write(tmp_path, "gemini.yaml", "mode: manual\npinned_provider: a\n")
+    assert str(load_error(tmp_path)) == 'gemini.yaml: pinned_provider "a" is not a provider of this file'
 
 
 # --- errors: one line naming file, provider and field ------------------------------------

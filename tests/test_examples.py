@@ -49,13 +49,14 @@ def test_claude_code_example_providers_and_key_placement():
     claude_headers = [("Host", "127.0.0.1:3333"), ("Authorization", "Bearer any-value"),
                       ("anthropic-version", "2023-06-01")]
     official = build_upstream_request(method="POST", path="/v1/messages", query="", headers=claude_headers,
-                                      provider=anthropic, client=CLAUDE_CODE, remote_addr="127.0.0.1")
+                                      provider=anthropic, key=anthropic.api_key, client=CLAUDE_CODE,
+                                      remote_addr="127.0.0.1")
     assert official.url == "https://api.anthropic.com/v1/messages"
     sent = {k.lower(): v for k, v in official.headers}
     assert sent["x-api-key"] == anthropic.api_key and "authorization" not in sent
 
     relay = build_upstream_request(method="POST", path="/v1/messages", query="",
-                                   headers=[("x-api-key", "any-value")], provider=openrouter,
+                                   headers=[("x-api-key", "any-value")], provider=openrouter, key=openrouter.api_key,
                                    client=CLAUDE_CODE, remote_addr="127.0.0.1")
     assert relay.url == "https://openrouter.ai/api/v1/messages"
     sent = {k.lower(): v for k, v in relay.headers}
@@ -70,7 +71,8 @@ def test_codex_example_providers_and_key_placement():
                                          "https://openrouter.ai/api/v1/responses"]):
         # Codex with the README's config.toml (no env_key) sends no credential at all.
         request = build_upstream_request(method="POST", path="/v1/responses", query="", headers=[],
-                                         provider=provider, client=CODEX, remote_addr="127.0.0.1")
+                                         provider=provider, key=provider.api_key, client=CODEX,
+                                         remote_addr="127.0.0.1")
         assert request.url == url
         assert dict(request.headers)["Authorization"] == f"Bearer {provider.api_key}"
 
@@ -82,7 +84,8 @@ def test_gemini_example_providers_and_key_placement():
     google = providers[0]
     request = build_upstream_request(
         method="POST", path="/v1beta/models/gemini-2.5-pro:streamGenerateContent", query="alt=sse",
-        headers=[("x-goog-api-key", "any-value")], provider=google, client=GEMINI, remote_addr="127.0.0.1")
+        headers=[("x-goog-api-key", "any-value")], provider=google, key=google.api_key, client=GEMINI,
+        remote_addr="127.0.0.1")
     assert request.url == ("https://generativelanguage.googleapis.com/v1beta/models/"
                            "gemini-2.5-pro:streamGenerateContent?alt=sse")
     assert dict(request.headers)["x-goog-api-key"] == google.api_key

@@ -26,7 +26,7 @@ class FakeClock:
 
 
 def p(name: str, priority: int = 1, enabled: bool = True) -> Provider:
-    return Provider(name=name, base_url=f"http://{name.lower()}.invalid", api_key=f"sk-{name}",
+    return Provider(name=name, base_url=f"http://{name.lower()}.invalid", api_keys=(f"sk-{name}",),
                     priority=priority, enabled=enabled)
 
 

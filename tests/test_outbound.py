@@ -14,8 +14,8 @@ import pytest
 
 from clipal.clients import CLAUDE_CODE, CODEX, GEMINI
 from clipal.config import Provider
-from clipal.outbound import (build_upstream_request, client_credentials, end_to_end, hop_by_hop_names, join_url,
-                             strip_query_credentials)
+from clipal.outbound import (VERSION_SEGMENTS, build_upstream_request, choose_carrier, client_credentials,
+                             end_to_end, hop_by_hop_names, join_url, strip_query_credentials, upstream_path)
 
 CLIENT_KEY = "client-secret-KEY-123"
 PROVIDER_KEY = "sk-or-provider-KEY-456"
@@ -24,15 +24,16 @@ ANTHROPIC_KEY = "sk-ant-api03-provider-KEY-789"
 
 def make(provider_key: str = PROVIDER_KEY, *, auth_header: str | None = None,
          base_url: str = "https://up.example.com/api") -> Provider:
-    return Provider(name="p", base_url=base_url, api_key=provider_key, auth_header=auth_header)
+    return Provider(name="p", base_url=base_url, api_keys=(provider_key,), auth_header=auth_header)
 
 
 def build(headers=(), *, query: str = "", path: str = "/v1/messages", client=CLAUDE_CODE,
-          provider: Provider | None = None, remote_addr: str = "127.0.0.1", method: str = "POST",
-          scheme: str = "http"):
+          provider: Provider | None = None, key: str | None = None, remote_addr: str = "127.0.0.1",
+          method: str = "POST", scheme: str = "http"):
+    provider = provider or make()
     return build_upstream_request(
-        method=method, path=path, query=query, headers=list(headers), provider=provider or make(),
-        client=client, remote_addr=remote_addr, scheme=scheme,
+        method=method, path=path, query=query, headers=list(headers), provider=provider,
+        key=provider.api_key if key is None else key, client=client, remote_addr=remote_addr, scheme=scheme,
     )
 
 
@@ -90,6 +91,100 @@ def assert_key_only_at(request, carrier: str, key: str = PROVIDER_KEY, param: st
 ])
 def test_join_url(base, path, query, expected):
     assert join_url(base, path, query) == expected
+
+
+# --- version segments and Codex's bare paths ---------------------------------------------
+
+H = "https://h.example.com"
+ANY = (CLAUDE_CODE, CODEX, GEMINI)
+
+#: (base_url, request path, clients, upstream URL): the same for every client listed.
+UPSTREAM_URLS = [
+    # base_url ends in the version the path starts with: it appears once
+    ("https://openrouter.ai/api/v1", "/v1/messages", ANY, "https://openrouter.ai/api/v1/messages"),
+    ("https://openrouter.ai/api/v1/", "/v1/messages", ANY, "https://openrouter.ai/api/v1/messages"),
+    ("https://openrouter.ai/api/v1//", "/v1/messages", ANY, "https://openrouter.ai/api/v1/messages"),
+    (f"{H}/v1beta", "/v1beta/models/m:streamGenerateContent", ANY, f"{H}/v1beta/models/m:streamGenerateContent"),
+    (f"{H}/v1alpha/", "/v1alpha/models/m:generateContent", ANY, f"{H}/v1alpha/models/m:generateContent"),
+    (f"{H}/v1", "/v1", ANY, f"{H}/v1"),
+    (f"{H}/v1", "/v1/", ANY, f"{H}/v1/"),
+    (f"{H}/v1", "/v1/messages/", ANY, f"{H}/v1/messages/"),
+    # a path starting with the version segment twice sends it once
+    (H, "/v1/v1/messages", ANY, f"{H}/v1/messages"),
+    (f"{H}/v1", "/v1/v1/messages", ANY, f"{H}/v1/messages"),
+    (H, "/v1/v1/v1/messages", ANY, f"{H}/v1/messages"),
+    (H, "/v1beta/v1beta/models", ANY, f"{H}/v1beta/models"),
+    (H, "/v1/v1", ANY, f"{H}/v1"),
+    (H, "/v1/v1/", ANY, f"{H}/v1/"),
+    # different versions, other segments and other spellings are left alone
+    (f"{H}/v1", "/v1beta/models", ANY, f"{H}/v1/v1beta/models"),
+    (f"{H}/v1beta", "/v1/models", (CLAUDE_CODE, GEMINI), f"{H}/v1beta/v1/models"),
+    (H, "/v1/v1beta/models", ANY, f"{H}/v1/v1beta/models"),
+    (f"{H}/api/v2", "/v2/x", ANY, f"{H}/api/v2/v2/x"),
+    (f"{H}/v1", "/v1x/y", ANY, f"{H}/v1/v1x/y"),
+    (f"{H}/av1", "/v1/x", ANY, f"{H}/av1/v1/x"),
+    (f"{H}/V1", "/v1/x", ANY, f"{H}/V1/v1/x"),
+    (f"{H}/v1", "/api/v1/x", ANY, f"{H}/v1/api/v1/x"),
+    (f"{H}/v1/api", "/v1/x", ANY, f"{H}/v1/api/v1/x"),
+    # the rest of the path keeps the client's percent-encoding
+    (f"{H}/v1", "/v1/files/a%2Fb%20c", ANY, f"{H}/v1/files/a%2Fb%20c"),
+    (f"{H}/v1", "/%76%31/x", (CLAUDE_CODE, GEMINI), f"{H}/v1/%76%31/x"),
+    (H, "", ANY, H),
+    (H, "/", ANY, f"{H}/"),
+    # Codex: a bare OpenAI path gets /v1 unless base_url ends in something version-like
+    ("https://api.openai.com", "/responses", (CODEX,), "https://api.openai.com/v1/responses"),
+    ("https://api.openai.com/", "/responses", (CODEX,), "https://api.openai.com/v1/responses"),
+    ("https://api.openai.com", "/v1/responses", (CODEX,), "https://api.openai.com/v1/responses"),
+    ("https://api.openai.com/v1", "/responses", (CODEX,), "https://api.openai.com/v1/responses"),
+    ("https://api.openai.com/v1", "/v1/responses", (CODEX,), "https://api.openai.com/v1/responses"),
+    ("https://openrouter.ai/api", "/responses", (CODEX,), "https://openrouter.ai/api/v1/responses"),
+    (H, "/responses/resp_1/input_items", (CODEX,), f"{H}/v1/responses/resp_1/input_items"),
+    (H, "/responses/compact", (CODEX,), f"{H}/v1/responses/compact"),
+    (H, "/responses/resp%2F1", (CODEX,), f"{H}/v1/responses/resp%2F1"),
+    (H, "/chat/completions", (CODEX,), f"{H}/v1/chat/completions"),
+    (H, "/completions", (CODEX,), f"{H}/v1/completions"),
+    (H, "/embeddings", (CODEX,), f"{H}/v1/embeddings"),
+    (H, "/models", (CODEX,), f"{H}/v1/models"),
+    (H, "/models/gpt-5", (CODEX,), f"{H}/v1/models/gpt-5"),
+    (H, "/responses/", (CODEX,), f"{H}/v1/responses/"),
+    (H, "/v1/v1/responses", (CODEX,), f"{H}/v1/responses"),
+    ("https://open.bigmodel.cn/api/paas/v4", "/chat/completions", (CODEX,),
+     "https://open.bigmodel.cn/api/paas/v4/chat/completions"),
+    (f"{H}/v2/", "/responses", (CODEX,), f"{H}/v2/responses"),
+    (f"{H}/v1beta", "/models", (CODEX,), f"{H}/v1beta/models"),
+    (f"{H}/v1beta", "/v1/models", (CODEX,), f"{H}/v1beta/v1/models"),
+    (f"{H}/video", "/responses", (CODEX,), f"{H}/video/v1/responses"),  # "v" then a letter is no version
+    # ... and only a bare path: a whole segment of one, nothing else
+    (H, "/responsesx", (CODEX,), f"{H}/responsesx"),
+    (H, "/chat", (CODEX,), f"{H}/chat"),
+    (H, "/chat/other", (CODEX,), f"{H}/chat/other"),
+    (H, "/files", (CODEX,), f"{H}/files"),
+    (H, "/api/responses", (CODEX,), f"{H}/api/responses"),
+    # the bare-path rule is Codex's: the other clients' paths are sent as they come
+    (H, "/responses", (CLAUDE_CODE, GEMINI), f"{H}/responses"),
+    (H, "/models", (CLAUDE_CODE, GEMINI), f"{H}/models"),
+]
+
+
+@pytest.mark.parametrize("base, path, client, expected", [
+    pytest.param(base, path, client, expected, id=f"{client.name} {base} + {path or '(empty)'}")
+    for base, path, clients, expected in UPSTREAM_URLS for client in clients])
+def test_upstream_url(base, path, client, expected):
+    request = build(path=path, client=client, provider=make(base_url=base))
+    assert request.url == expected
+    assert request.url == join_url(base, upstream_path(base, path, client), "")
+
+
+def test_the_version_segments_are_the_three_named():
+    assert VERSION_SEGMENTS == ("v1", "v1beta", "v1alpha")
+
+
+def test_upstream_url_keeps_the_query_after_the_version_rules():
+    request = build(path="/responses", query="stream=true&x=a%2Fb", client=CODEX, provider=make(base_url=H))
+    assert request.url == f"{H}/v1/responses?stream=true&x=a%2Fb"
+    request = build(path="/v1beta/models/m:streamGenerateContent", query="alt=sse", client=GEMINI,
+                    provider=make(base_url=f"{H}/v1beta/"))
+    assert request.url == f"{H}/v1beta/models/m:streamGenerateContent?alt=sse"
 
 
 def test_upstream_url_is_base_url_plus_subpath_plus_query():
@@ -218,6 +313,47 @@ def test_provider_key_goes_where_the_client_put_its_own(client, headers, query, 
 def test_without_any_client_credential_the_client_default_carrier_is_used(client, carrier):
     request = build([("Content-Type", "application/json")], client=client)
     assert_key_only_at(request, carrier)
+
+
+# --- the key sent is the one the caller chose ------------------------------------------------
+
+
+OTHER_KEY = "sk-or-second-KEY-000"
+
+
+@pytest.mark.parametrize("client, carrier", [(CLAUDE_CODE, "x-api-key"), (CODEX, "authorization"),
+                                             (GEMINI, "x-goog-api-key")], ids=lambda c: getattr(c, "name", c))
+def test_the_key_given_is_sent_not_the_providers_first(client, carrier):
+    provider = Provider("p", "https://up.example.com", (PROVIDER_KEY, OTHER_KEY))
+    request = build([], client=client, provider=provider, key=OTHER_KEY)
+    assert_key_only_at(request, carrier, OTHER_KEY)
+    assert PROVIDER_KEY not in repr(request)
+
+
+def test_the_query_carrier_sends_the_key_given():
+    provider = Provider("p", "https://up.example.com", (PROVIDER_KEY, OTHER_KEY), auth_header="query")
+    request = build([], client=GEMINI, provider=provider, key=OTHER_KEY)
+    assert query_of(request) == f"key={OTHER_KEY}"
+
+
+def test_the_anthropic_rule_looks_at_the_key_being_sent():
+    provider = Provider("p", "https://up.example.com", (PROVIDER_KEY, ANTHROPIC_KEY))
+    bearer = [("Authorization", f"Bearer {CLIENT_KEY}")]
+    assert_key_only_at(build(bearer, provider=provider, key=PROVIDER_KEY), "authorization", PROVIDER_KEY)
+    assert_key_only_at(build(bearer, provider=provider, key=ANTHROPIC_KEY), "x-api-key", ANTHROPIC_KEY)
+
+
+@pytest.mark.parametrize("auth_header, key, client_carrier, expected", [
+    ("query", ANTHROPIC_KEY, "authorization", "query"),
+    (None, ANTHROPIC_KEY, "authorization", "x-api-key"),
+    (None, PROVIDER_KEY, "authorization", "authorization"),
+    (None, PROVIDER_KEY, None, "authorization"),
+    (None, "sk-ant-oat01-token", None, "authorization"),
+])
+def test_choose_carrier(auth_header, key, client_carrier, expected):
+    # The provider's own first key is not Anthropic's: only the key passed in decides rule 2.
+    provider = Provider("p", "https://up.example.com", (PROVIDER_KEY,), auth_header=auth_header)
+    assert choose_carrier(provider, key, CODEX, client_carrier) == expected
 
 
 def test_query_credentials_are_removed_and_other_params_kept_byte_identical():

@@ -85,6 +85,7 @@ def test_settings_stay_a_frozen_dataclass():
 #: A valid value other than the default for every setting, as config.yaml would hold it.
 OTHER_VALUES = {
     "listen_addr": "127.0.0.2", "port": 4444, "log_level": "debug", "reactivate_after": "30m",
+    "circuit_breaker": {"failure_threshold": 0, "success_threshold": 5, "open_timeout": "2m"},
     "upstream_idle_timeout": "45s", "max_request_body_bytes": 1000, "log_dir": "/tmp/clipal-elsewhere",
     "log_retention_days": 30, "log_stdout": False, "ignore_count_tokens_failover": True,
     "access_tokens": ["a-reloaded-token-0123456789"], "allowed_origins": ["https://app.example"],
