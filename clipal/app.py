@@ -69,7 +69,7 @@ def create_app(config_dir: Path | str | None = None, *, config: Config | None = 
     warn_about_permissions(config)
     warn_if_open_to_the_network(runtime.snapshot.config)
     for client in CLIENTS:
-        names = [p.name for p in runtime.snapshot.state.pool(client.name).providers]
+        names = [p.name for p in runtime.snapshot.routing.client(client.name).providers]
         if names:
             log.info("%s: %d provider(s) loaded: %s", client.file, len(names), ", ".join(names))
         else:

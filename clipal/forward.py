@@ -28,7 +28,8 @@ import urllib3.exceptions
 
 from .classify import FAILOVER_STATUSES, Kind
 from .config import format_duration
-from .decode import Decoder
+from .completion import looks_like_sse
+from .decode import Decoder, decoded
 from .outbound import UpstreamRequest, end_to_end
 from .transport import describe_error, prepare, proxies_for, refused_head
 
@@ -102,7 +103,7 @@ def _read_up_to(response: requests.Response, limit: int, timeout: float) -> byte
     return bytes(buffer)
 
 
-def _read_first_event(response: requests.Response, timeout: float) -> tuple[bytes, bytes]:
+def _read_first_event(response: requests.Response, timeout: float, received: bytes = b"") -> tuple[bytes, bytes]:
     """An SSE stream up to the end of its first event: the bytes as received, and decoded.
 
     The client gets the received bytes unchanged; the event is looked for in
@@ -111,9 +112,13 @@ def _read_first_event(response: requests.Response, timeout: float) -> tuple[byte
     stops at EOF and where the bytes stop decoding (corrupt, or a bomb);
     what decoded until then is the event.
     """
-    received = bytearray()
     plain = bytearray()
     decoder = Decoder(response.headers.get("Content-Encoding", ""))
+    if received:
+        plain += decoder.feed(received) or b""
+        if b"\n\n" in plain or b"\r\n\r\n" in plain or b"\r\r" in plain:
+            return received, bytes(plain)
+    received = bytearray(received)
     while len(received) < FIRST_EVENT_LIMIT:
         data = _read_some(response, timeout)
         if not data:  # EOF: the decoder may still hold the few bytes it was sniffing
@@ -182,6 +187,11 @@ def _to_commit_point(method: str, response: requests.Response, idle_timeout: flo
             first, event = _read_first_event(response, idle_timeout)
         else:
             first = _read_some(response, idle_timeout)
+            if 200 <= status < 300 and first and looks_like_sse(
+                    response.headers.get("Content-Type", ""),
+                    decoded(first, response.headers.get("Content-Encoding", "")) or first):
+                # An event stream under another Content-Type: its first event is judged all the same.
+                first, event = _read_first_event(response, idle_timeout, first)
     except UpstreamIdle:
         raise NetworkFailure(f"no body bytes within {format_duration(idle_timeout)} (HTTP {status})",
                              Kind.TIMEOUT) from None

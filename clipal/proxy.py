@@ -21,13 +21,14 @@ from flask import Response
 from . import forward
 from .clientwatch import ClientGone, ClientWatch, client_socket
 from .access import is_loopback_address
-from .classify import Kind, Verdict, classify_answer, provider_failure
+from .classify import RETURN, Kind, classify_answer, provider_failure
 from .clients import ClientKind
-from .config import Provider, format_duration
-from .failover import ProviderPool
+from .completion import CompletionCheck
+from .config import format_duration
 from .logs import get_logger
 from .outbound import build_upstream_request, client_credentials
 from .redact import add_secret
+from .routing import Attempt, Walk
 from .runtime import Snapshot
 from .transport import describe_error
 
@@ -160,8 +161,8 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
         return Response(status=400)
     log.debug("request received: %s %s (%d bytes)", method, subpath or "/", len(body))
 
-    pool = snapshot.state.pool(client.name)
-    if not pool.providers:
+    routing = snapshot.routing.client(client.name)
+    if not routing.providers:
         # The whole path helps the owner at this machine; a caller elsewhere learns only the file name.
         local = is_loopback_address(environ.get("REMOTE_ADDR", ""))
         path = snapshot.config.config_dir / client.file if local else client.file
@@ -170,32 +171,43 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
 
     headers = _request_headers(environ)
     _remember_client_credentials(headers, query)
-    lane = pool.lane_for(client.is_count_tokens(subpath))
-    for name in pool.expire():
-        log.info("provider %s reactivated", name)
+    count_tokens = client.is_count_tokens(subpath)
+    walk = routing.walk(routing.lane_for(count_tokens), count_tokens=count_tokens)
+    _log_events(log, walk)
 
     watch = ClientWatch(client_socket(environ))
     try:
-        for provider in pool.candidates(lane):
+        for attempt in walk:
+            provider = attempt.provider
             request = build_upstream_request(
-                method=method, path=subpath, query=query, headers=headers, provider=provider, key=provider.api_key,
-                client=client, remote_addr=environ.get("REMOTE_ADDR", ""),
+                method=method, path=subpath, query=query, headers=headers, provider=provider,
+                key=provider.api_keys[attempt.key], client=client, remote_addr=environ.get("REMOTE_ADDR", ""),
                 scheme=environ.get("wsgi.url_scheme", "http"),
             )
-            log.debug("attempt via %s: %s %s", provider.name, method, request.url.split("?", 1)[0])
+            log.debug("attempt via %s%s: %s %s", provider.name, f" ({attempt.key_label})" if attempt.key_label else "",
+                      method, request.url.split("?", 1)[0])
             try:
                 with watch.guard():
                     ready = forward.send(session, request, body, settings.upstream_idle_timeout)
             except forward.NetworkFailure as failure:
-                _record_failure(log, pool, provider, provider_failure(failure.reason, failure.kind), lane)
+                if routing.manual:  # no failover: clipal answers for the unreachable pinned provider
+                    log.warning("pinned provider %s failed: %s; answering 502 (manual mode)", provider.name,
+                                failure.reason)
+                    return error_response(client, 502, f"clipal: pinned provider {provider.name} failed: "
+                                                        f"{failure.reason}", provider=provider.name)
+                walk.failed(attempt, provider_failure(failure.reason, failure.kind))
+                _log_events(log, walk)
                 continue
-            verdict = classify_answer(ready.status, ready.upstream_headers, ready.first, ready.event, now=time.time())
+            # Manual mode returns every upstream answer as it is.
+            verdict = RETURN if routing.manual else classify_answer(
+                ready.status, ready.upstream_headers, ready.first, ready.event, now=time.time())
             if verdict.failover:
                 ready.close()
-                _record_failure(log, pool, provider, verdict, lane)
+                walk.failed(attempt, verdict)
+                _log_events(log, walk)
                 continue
-            pool.succeeded(provider, lane)
-            relay = _Relay(client, provider, ready, watch, settings.upstream_idle_timeout, pool, lane)
+            walk.committed(attempt)
+            relay = _Relay(client, attempt, ready, watch, settings.upstream_idle_timeout, walk)
             relay.token_name = environ.get(TOKEN_NAME)
             watch = None  # the relay owns it now
             return relay.response()
@@ -206,23 +218,20 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
         if watch is not None:
             watch.stop()
 
-    unavailable = pool.unavailable(lane)
+    unavailable = walk.unavailable()
     log.error("all providers failed; answering %d (retry after %ds)", unavailable.status, unavailable.retry_after)
     return error_response(client, unavailable.status, f"clipal: {unavailable.message}",
                           retry_after=unavailable.retry_after)
 
 
-def _record_failure(log: logging.LoggerAdapter, pool: ProviderPool, provider: Provider, verdict: Verdict,
-                    lane: str) -> None:
-    outage = pool.failed(provider, verdict, lane)
-    if verdict.deactivate and outage is not None:
-        log.error("provider %s deactivated for %s: %s", provider.name,
-                  format_duration(pool.reactivate_after), verdict.reason)
-    elif outage is not None and verdict.cooldown:
-        log.warning("provider %s failed: %s; cooling down for %s; trying next", provider.name, verdict.reason,
-                    format_duration(verdict.cooldown))
-    else:
-        log.warning("provider %s failed: %s; trying next", provider.name, verdict.reason)
+def _log_events(log: logging.LoggerAdapter, walk: Walk) -> None:
+    """Write what the routing policy reported (failovers, deactivations, breaker changes), in order."""
+    for event in walk.events:
+        log.log(_LEVELS[event.level], "%s", event.message)
+    walk.events.clear()
+
+
+_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 #: The environ key under which the access check leaves the name of the token a request carried.
@@ -230,34 +239,46 @@ TOKEN_NAME = "clipal.token_name"
 
 
 class _Relay:
-    """Streams a committed upstream response to the client and cleans up after it.
+    """Streams a committed upstream response to the client and reports how it ended.
 
     The WSGI server iterates it and then calls :meth:`close` on every path,
     including when the body is never iterated (HEAD, or a client gone before
     the first write), which a bare generator's ``finally`` would miss.
+
+    How the answer ended goes back to the routing walk: a 2xx that completed
+    (an SSE stream with its protocol's terminal event) is a success for the
+    circuit breaker; any other answer returned as is is neutral; a stall, a
+    break or a stream that ended without its terminal event is a provider
+    failure, so the agent's retry goes to the next provider.
     """
 
-    def __init__(self, client: ClientKind, provider: Provider, ready: forward.Ready,
-                 watch: ClientWatch, idle_timeout: float, pool: ProviderPool, lane: str) -> None:
+    def __init__(self, client: ClientKind, attempt: Attempt, ready: forward.Ready,
+                 watch: ClientWatch, idle_timeout: float, walk: Walk) -> None:
         self.client = client
-        self.provider = provider
+        self.attempt = attempt
+        self.provider = attempt.provider
         self.ready = ready
         self.watch = watch
         self.idle_timeout = idle_timeout
-        self.pool = pool
-        self.lane = lane
+        self.walk = walk
         #: the access token's name, for the completion line (None without access tokens)
         self.token_name: str | None = None
+        self.check: CompletionCheck | None = None
+        if 200 <= ready.status < 300 and ready.event is not None:  # an SSE stream (by header or by its bytes)
+            self.check = CompletionCheck(client.name, ready.upstream_headers.get("Content-Encoding", ""))
+        self._reported = False
 
-    def _failed(self, reason: str, kind: Kind) -> str:
-        """A stall or break after the commit point: the provider failed, as a failed attempt does.
-
-        clipal cannot retry (bytes went out), but the client's next request
-        - the agent retrying the turn - must not go back to the provider that
-        just broke. Returns the log line's tail naming where that goes.
-        """
-        self.pool.failed(self.provider, provider_failure(reason, kind), self.lane)
-        following = self.pool.current(self.lane)
+    def _finished(self, success: bool | None, reason: str = "", kind: Kind = Kind.SERVER_ERROR) -> str:
+        """Report the end to the walk; for a failure, the log line's tail naming where the next request goes."""
+        if self._reported:
+            return ""
+        self._reported = True
+        walk = self.walk
+        walk.finished(self.attempt, success=success, reason=reason, kind=kind)
+        _log_events(get_logger(self.client.name), walk)
+        if success is not False:
+            return ""
+        following = walk.routing.current(walk.lane)
         if following is None or following.name == self.provider.name:
             return "response to the client ended incomplete"
         return f"response to the client ended incomplete; next request starts at {following.name}"
@@ -273,10 +294,12 @@ class _Relay:
 
     def __iter__(self) -> Iterator[bytes]:
         log = get_logger(self.client.name)
-        ready, started, sent = self.ready, time.monotonic(), 0
+        ready, started, sent, check = self.ready, time.monotonic(), 0, self.check
         try:
             if ready.first:
                 sent += len(ready.first)
+                if check is not None:
+                    check.feed(ready.first)
                 yield ready.first
             rest = forward.stream_rest(ready, self.idle_timeout)
             while True:
@@ -285,19 +308,30 @@ class _Relay:
                 if chunk is None:
                     break
                 sent += len(chunk)
+                if check is not None:
+                    check.feed(chunk)
                 yield chunk
-            log.info("request completed via %s%s (%d, %d bytes in %.2fs)", self.provider.name,
-                     f" for {self.token_name}" if self.token_name else "", ready.status, sent,
-                     time.monotonic() - started)
+            for_token = f" for {self.token_name}" if self.token_name else ""
+            if check is not None and check.status == "incomplete":
+                incomplete = f"ended without its terminal event after {sent} bytes"
+                log.warning("stream from %s%s %s; %s", self.provider.name, for_token, incomplete,
+                            self._finished(False, incomplete, Kind.INCOMPLETE))
+                return
+            log.info("request completed via %s%s (%d, %d bytes in %.2fs)", self.provider.name, for_token,
+                     ready.status, sent, time.monotonic() - started)
+            self._finished(True if 200 <= ready.status < 300 else None)
         except ClientGone:
             log.info("client disconnected during the response from %s after %d bytes", self.provider.name, sent)
+            self._finished(None)
         except forward.UpstreamIdle:
             stalled = f"stalled for {format_duration(self.idle_timeout)} after {sent} bytes"
-            log.warning("upstream %s %s; %s", self.provider.name, stalled, self._failed(stalled, Kind.TIMEOUT))
+            log.warning("upstream %s %s; %s", self.provider.name, stalled,
+                        self._finished(False, stalled, Kind.TIMEOUT))
             raise StreamAborted("upstream stalled") from None
         except Exception as exc:  # any break in the upstream stream: the client must see it as broken
             broke = f"broke after {sent} bytes ({describe_error(exc)})"
-            log.warning("upstream %s %s; %s", self.provider.name, broke, self._failed(broke, Kind.SERVER_ERROR))
+            log.warning("upstream %s %s; %s", self.provider.name, broke,
+                        self._finished(False, broke, Kind.SERVER_ERROR))
             raise StreamAborted("upstream broke") from None
         finally:
             self.close()
@@ -306,3 +340,5 @@ class _Relay:
         """Idempotent: stop watching the client and release the upstream response."""
         self.watch.stop()
         self.ready.close()
+        if not self._reported:  # never iterated (HEAD, or the client left before the first write)
+            self._finished(True if 200 <= self.ready.status < 300 and self.check is None else None)

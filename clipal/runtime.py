@@ -9,6 +9,7 @@ configuration until it finishes, and no request sees half a config.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -17,44 +18,54 @@ import requests
 from . import transport
 from .access import AccessPolicy
 from .config import Config, config_files
-from .failover import FailoverState
+from .routing import Routing
+from .store import MemoryStore, Store
 from .logs import configure_logging, warn_if_readable_by_others
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A configuration and what is built from it (failover state, access policy), swapped as one."""
+    """A configuration and what is built from it (routing, access policy), swapped as one."""
 
     config: Config
-    state: FailoverState
+    routing: Routing
     access: AccessPolicy = AccessPolicy()
 
 
 class Runtime:
-    """The current :class:`Snapshot` and the one upstream session every request uses.
+    """The current :class:`Snapshot`, the routing state's store and the one upstream session.
 
-    ``overrides`` are command-line settings that win over config.yaml, now
-    and after every reload.
+    The store outlives every snapshot: a reload keeps the state of every
+    provider whose identity is unchanged. ``overrides`` are command-line
+    settings that win over config.yaml, now and after every reload.
     """
 
-    def __init__(self, config: Config, overrides: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, config: Config, overrides: Mapping[str, Any] | None = None,
+                 store: Store | None = None) -> None:
         self.overrides = dict(overrides or {})
         self.session: requests.Session = transport.new_session()
+        self.store: Store = store if store is not None else MemoryStore(time.time)
         self.snapshot = self._build(config)
 
     def _build(self, config: Config) -> Snapshot:
         if self.overrides:
             config = dataclasses.replace(config, settings=dataclasses.replace(config.settings, **self.overrides))
         settings = config.settings
-        state = FailoverState(config.providers, reactivate_after=settings.reactivate_after,
-                              isolate_count_tokens=settings.ignore_count_tokens_failover)
+        routing = Routing(config.providers, store=self.store, clock=time.time,
+                          reactivate_after=settings.reactivate_after,
+                          isolate_count_tokens=settings.ignore_count_tokens_failover,
+                          breaker=settings.circuit_breaker, pinned=config.pinned)
         access = AccessPolicy.build(settings.access_tokens, settings.allowed_origins, settings.allowed_hosts)
-        return Snapshot(config=config, state=state, access=access)
+        return Snapshot(config=config, routing=routing, access=access)
 
     def apply(self, config: Config) -> Snapshot:
-        """Install a new configuration: fresh failover state, logging settings at once."""
+        """Install a new configuration: its routing over the same store, logging settings at once.
+
+        Providers that are gone (or changed, which makes them new) leave their state behind.
+        """
         snapshot = self._build(config)
         self.snapshot = snapshot
+        snapshot.routing.forget_others()
         apply_logging(snapshot.config)
         return snapshot
 

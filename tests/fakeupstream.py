@@ -39,7 +39,8 @@ Gemini without alt=sse = words + 1 (the closing "]").
 
 Scripting failures: ``up.script(...)`` queues replies; each request takes the
 first queued reply (FIFO) whose ``path`` matches (None = any path), else
-``up.path_defaults[path]``, else ``up.default`` (initially ``Reply.answer()``)::
+``up.key_defaults[the API key it carries]``, else ``up.path_defaults[path]``,
+else ``up.default`` (initially ``Reply.answer()``)::
 
     up.script(Reply.anthropic_error(529))                 # then normal answers
     up.script(Reply.anthropic_error(429, retry_after=30, gzip=True))
@@ -364,6 +365,14 @@ class RecordedRequest:
     def json(self) -> Any:
         return json.loads(self.body)
 
+    @property
+    def api_key(self) -> str | None:
+        """The key the request carried, wherever it was (x-api-key, Bearer, x-goog-api-key, ?key=)."""
+        bearer = self.headers.get("Authorization", "")
+        if bearer.lower().startswith("bearer "):
+            return bearer[7:]
+        return self.headers.get("x-api-key") or self.headers.get("x-goog-api-key") or self.query.get("key")
+
 
 # --------------------------------------------------------------------------
 # Natural answers.
@@ -564,7 +573,7 @@ class _Handler(BaseHTTPRequestHandler):
             query={k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()},
             headers=self.headers, body=body, time=time.monotonic(),
             connection=up._connection_id(self.connection))
-        reply = up._take_reply(req.path)
+        reply = up._take_reply(req.path, req.api_key)
         req.reply = reply
         up._record(req)
         try:
@@ -706,6 +715,8 @@ class FakeUpstream:
         self.answer_text = answer_text if answer_text is not None else f"hello from {name}"
         self.default: Reply = Reply.answer()
         self.path_defaults: dict[str, Reply] = {}
+        #: replies by the API key a request carries (before path_defaults and default)
+        self.key_defaults: dict[str, Reply] = {}
         self.errors: list[str] = []  # tracebacks of unexpected handler failures
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -743,6 +754,7 @@ class FakeUpstream:
             self._script.clear()
             self.default = Reply.answer()
             self.path_defaults.clear()
+            self.key_defaults.clear()
 
     # -- inspection -----------------------------------------------------------
     @property
@@ -850,12 +862,14 @@ class FakeUpstream:
         with self._lock:
             return self._connections.get(conn, 0)
 
-    def _take_reply(self, path: str) -> Reply:
+    def _take_reply(self, path: str, key: str | None = None) -> Reply:
         with self._lock:
             for index, (wanted, reply) in enumerate(self._script):
                 if wanted is None or wanted == path:
                     del self._script[index]
                     return reply
+            if key is not None and key in self.key_defaults:
+                return self.key_defaults[key]
             return self.path_defaults.get(path, self.default)
 
     def _record(self, req: RecordedRequest) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
+from clipal.classify import provider_failure
 from clipal.config import (
     BreakerSettings,
     ClientFile,
@@ -26,7 +28,8 @@ from clipal.config import (
     parse_duration,
     parse_providers,
 )
-from clipal.failover import ProviderPool
+from clipal.routing import Routing
+from clipal.store import MemoryStore
 
 
 def write(config_dir: Path, name: str, text: str) -> Path:
@@ -272,9 +275,14 @@ def test_priority_orders_providers_lower_first_ties_in_file_order_disabled_left_
     providers = load_config(tmp_path).providers["codex"]
     assert [p.name for p in providers] == ["a", "b", "c", "d", "e", "f"]  # file order kept as loaded
     assert [p.name for p in active_providers(providers)] == ["f", "b", "e", "a", "c"]
-    pool = ProviderPool(providers, reactivate_after=3600, isolate_count_tokens=False)
-    assert [p.name for p in pool.providers] == ["f", "b", "e", "a", "c"]
-    assert [p.name for p in pool.candidates()] == ["f", "b", "e", "a", "c"]
+    routing = Routing({"codex": providers}, store=MemoryStore(time.time), clock=time.time, reactivate_after=3600,
+                      isolate_count_tokens=False, breaker=BreakerSettings())
+    walk = routing.client("codex").walk()
+    tried = []
+    for attempt in walk:  # every one fails without a hint: the walk visits each once, in order
+        tried.append(attempt.provider.name)
+        walk.failed(attempt, provider_failure("test"))
+    assert tried == ["f", "b", "e", "a", "c"]
 
 
 def test_same_provider_name_in_different_files_is_fine(tmp_path):

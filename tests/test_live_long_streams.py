@@ -129,7 +129,7 @@ def test_a_real_stall_ends_the_response_one_timeout_after_the_last_byte(clipal, 
     body = json.dumps(dict(PAYLOAD, stream=True)).encode()
     reads = []
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
-        sock.sendall(f"POST {MESSAGES} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(f"POST {MESSAGES} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         while True:
             try:
                 data = sock.recv(65536)
@@ -175,7 +175,7 @@ def test_a_client_that_hangs_up_mid_stream_does_not_move_the_client_off_its_prov
 
     body = json.dumps(dict(PAYLOAD, stream=True)).encode()
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(f"POST {MESSAGES} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(f"POST {MESSAGES} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         assert b"message_start" in sock.recv(65536)
     proxy.wait_for_output("client disconnected")
     r = requests.post(proxy.url + MESSAGES, json=PAYLOAD, timeout=10)
