@@ -157,7 +157,7 @@ function summary(values, scale = 1, digits = 3) {
 
 function requestHead(cfg, method, path, bodyLen, extra) {
   let h = `${method} ${path} HTTP/1.1\r\nHost: ${cfg.host}:${cfg.port}\r\n` +
-    'User-Agent: clipal-bench/1\r\nAuthorization: Bearer sk-client-bench\r\n';
+    'User-Agent: clipal-bench/1\r\nAuthorization: Bearer sk-client-bench-token\r\n';
   for (const [k, v] of Object.entries(extra || {})) h += `${k}: ${v}\r\n`;
   if (bodyLen !== null) h += `Content-Length: ${bodyLen}\r\n`;
   return h + '\r\n';

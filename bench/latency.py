@@ -84,7 +84,7 @@ def main() -> None:
     a = ap.parse_args()
 
     req = (f"POST {a.path} HTTP/1.1\r\nHost: {a.host}:{a.port}\r\nUser-Agent: clipal-bench/1\r\n"
-           f"Authorization: Bearer sk-client-bench\r\nContent-Type: application/json\r\n"
+           f"Authorization: Bearer sk-client-bench-token\r\nContent-Type: application/json\r\n"
            f"Content-Length: {len(BODY)}\r\n\r\n").encode() + BODY
     end = time.monotonic() + a.deadline
     lat: list[float] = []

@@ -43,6 +43,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 TARGETS = ("DIRECT", "CLIPAL", "NGINX")
+#: The Bearer key every load client sends (an access token with --access-tokens; stripped otherwise).
+CLIENT_TOKEN = "sk-client-bench-token"
 NGINX_WORKERS = 1  # clipal is one process; nginx gets one worker too (2 cores are shared with load + upstream)
 
 CHAT_PATH = "/v1/chat/completions"
@@ -245,7 +247,7 @@ class Target:
 def http_call(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 5.0):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-client-bench"} if body else {}
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {CLIENT_TOKEN}"} if body else {}
         c.request(method, path, body=body, headers=headers)
         r = c.getresponse()
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
@@ -300,12 +302,18 @@ def ready_or_stopped(t: Target, errlog: Path | None) -> Target:
 
 def start_clipal(args, up_port: int, out: Path, tmp_root: Path) -> Target:
     cfg = Path(tempfile.mkdtemp(prefix="clipal-bench-", dir=tmp_root))
+    # --keys N: the provider has N keys (api_keys); the first one always answers.
+    keys = ("    api_key: sk-bench-key\n" if args.keys <= 1 else
+            "    api_keys: [" + ", ".join(f"sk-bench-key-{i}" for i in range(1, args.keys + 1)) + "]\n")
     (cfg / "codex.yaml").write_text(
         "providers:\n"
         "  - name: bench\n"
-        f"    base_url: http://127.0.0.1:{up_port}\n"
-        "    api_key: sk-bench-key\n")
-    (cfg / "config.yaml").write_text("log_stdout: false\nmax_request_body_bytes: 33554432\n")
+        f"    base_url: http://127.0.0.1:{up_port}\n" + keys)
+    settings = "log_stdout: false\nmax_request_body_bytes: 33554432\n"
+    if args.access_tokens:  # the load clients send this token as their Bearer key
+        settings += f"access_tokens: [{CLIENT_TOKEN}]\n"
+    (cfg / "config.yaml").write_text(settings + (args.config_extra.replace("\\n", "\n") + "\n"
+                                                 if args.config_extra else ""))
     for f in cfg.iterdir():
         f.chmod(0o600)
     port = free_port()
@@ -710,6 +718,11 @@ def parse_args(argv=None):
     ap.add_argument("--no-wrk", action="store_true", help="use bench/client.js for phase a even if wrk exists")
     ap.add_argument("--nginx", default=None, help="nginx binary (default: from PATH or /usr/sbin/nginx)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when any CLIPAL check fails or is skipped")
+    ap.add_argument("--keys", type=int, default=1, help="keys of clipal's provider (api_keys when > 1; default 1)")
+    ap.add_argument("--access-tokens", action="store_true",
+                    help="set access_tokens in clipal's config.yaml (the load clients send that token)")
+    ap.add_argument("--config-extra", default="", help="more lines for clipal's config.yaml, e.g. 'metrics: false' "
+                    "(\\n separates lines)")
     a = ap.parse_args(argv)
     a.wrk = None if a.no_wrk else (a.wrk or shutil.which("wrk"))
     return a

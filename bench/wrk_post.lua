@@ -3,7 +3,7 @@
 wrk.method = "POST"
 wrk.body = '{"model":"bench-model","messages":[{"role":"user","content":"Say hello."}],"stream":false}'
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-client-bench"
+wrk.headers["Authorization"] = "Bearer sk-client-bench-token"
 
 done = function(summary, latency, requests)
   local e = summary.errors

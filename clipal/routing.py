@@ -166,6 +166,25 @@ class Routing:
     def client(self, name: str) -> ClientRouting:
         return self.clients[name]
 
+    def revalidate(self, previous: Routing | None) -> None:
+        """After a reload: a provider that is new or changed (a fixed key, a new URL) and comes
+        before a client's current provider becomes current, so the edit is tried at once.
+
+        Everything else stays as it was: the current provider of a client whose edit did not
+        touch anything ahead of it, and every unchanged provider's outages and breaker.
+        """
+        for client in self.clients.values():
+            before = previous.clients.get(client.name) if previous is not None else None
+            known = {p.identity for p in before.providers} if before is not None else set()
+            fresh = [p for p in client.providers if p.identity not in known]
+            if not fresh or before is None:
+                continue
+            cursor, _ = client.read()
+            for lane in ((cursor or {}).get("current") or {}):
+                current = client.current(lane, cursor)
+                if current is not None and client.providers.index(fresh[0]) < client.providers.index(current):
+                    client.set_current(cursor, fresh[0], lane)
+
     def forget_others(self) -> None:
         """Drop the records of providers this configuration no longer has (their state is stale)."""
         prefixes = [f"{c.name}:{p.identity}" for c in self.clients.values() for p in c.providers]

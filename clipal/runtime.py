@@ -63,9 +63,11 @@ class Runtime:
 
         Providers that are gone (or changed, which makes them new) leave their state behind.
         """
+        previous = self.snapshot
         snapshot = self._build(config)
         self.snapshot = snapshot
         snapshot.routing.forget_others()
+        snapshot.routing.revalidate(previous.routing)
         apply_logging(snapshot.config)
         return snapshot
 

@@ -430,3 +430,18 @@ def test_state_survives_a_reload_for_unchanged_providers_and_starts_fresh_for_ch
     moved = Provider(name="C", base_url="http://elsewhere.invalid", api_keys=c.api_keys)
     world.reload(changed, b, moved)
     assert world.state("C") == "available"  # so is a changed base_url
+
+
+def test_a_provider_fixed_by_a_reload_ahead_of_the_current_one_is_tried_at_once():
+    a, b, c = p("A"), p("B"), p("C")
+    world = World(a, b, c, reactivate_after=600)
+    world.request({"A": verdict(AUTH)})  # A deactivated, B current
+    previous = world.routing
+    fixed = Provider(name="A", base_url=a.base_url, api_keys=("sk-A-fixed-0123456789",))
+    world.reload(fixed, b, c)
+    world.routing.revalidate(previous)
+    assert world.request()[0] == ["A"]  # the edit is the re-validation
+    previous = world.routing
+    world.reload(fixed, b, c, p("D"))  # a provider added behind the current one changes nothing
+    world.routing.revalidate(previous)
+    assert world.client.current().name == "A"
