@@ -12,7 +12,7 @@ import errno
 import json
 import time
 from typing import Iterator
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import requests
 from flask import Response
@@ -52,7 +52,8 @@ def error_response(client: ClientKind | None, status: int, message: str, *,
                    retry_after: int | None = None, provider: str | None = None) -> Response:
     """An error clipal produces itself, in the client's own JSON shape."""
     if client is None:
-        body = json.dumps({"error": {"message": message, "type": "not_found"}}).encode()
+        kind = "invalid_request" if status == 400 else "not_found"
+        body = json.dumps({"error": {"message": message, "type": kind}}).encode()
     else:
         body = client.error_body(status, message)
     response = Response(body, status=status, mimetype="application/json")
@@ -66,16 +67,82 @@ def error_response(client: ClientKind | None, status: int, message: str, *,
 # --- request details ------------------------------------------------------------
 
 
-def raw_subpath(environ: dict, prefix: str) -> str:
-    """The request path after the client prefix, still percent-encoded as the client sent it."""
+def request_path(environ: dict) -> str:
+    """The path of the request target, still percent-encoded as the client sent it."""
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if raw:
         path = raw.split("?", 1)[0]
         if "://" in path:  # absolute-form request target
             path = "/" + path.split("://", 1)[1].partition("/")[2]
-    else:
-        path = quote(environ.get("PATH_INFO", ""), safe="/:@!$&'()*+,;=-._~")
-    return path[len(prefix):]
+        return path
+    return quote(environ.get("PATH_INFO", ""), safe="/:@!$&'()*+,;=-._~")
+
+
+def subpath_after(path: str, prefix: str) -> str | None:
+    """What follows ``prefix`` in ``path`` when the path's first segment, decoded, is the prefix.
+
+    Segments are split at the slashes the client wrote, so an encoded slash
+    (``%2F``) never ends one, and an empty first segment (``//claudecode``)
+    is not the prefix: werkzeug routes both as ``/claudecode/...`` (it drops
+    leading slashes and decodes ``%2F``), but the rest forwarded must be the
+    rest of what the client sent. Returns None when the prefix is not the
+    first segment; the rest keeps the client's percent-encoding.
+    """
+    if not path.startswith("/"):
+        return None
+    first, slash, rest = path[1:].partition("/")
+    if unquote(first) != prefix.strip("/"):
+        return None
+    return slash + rest
+
+
+def has_dot_segment(path: str) -> bool:
+    """Whether a segment of the decoded path is ``.`` or ``..``.
+
+    Decoded as a whole, so ``%2e%2e`` counts and so does ``..%2F``: an
+    upstream that decodes an encoded slash before resolving the path would
+    climb out of base_url on it, with the provider's key.
+    """
+    if "." not in path and "%" not in path:
+        return False
+    return any(segment in (".", "..") for segment in unquote(path).split("/"))
+
+
+def no_route_message(path: str) -> str:
+    return f"clipal: no route for {path}; use /claudecode, /codex or /gemini"
+
+
+def refuse_path(environ: dict, client: ClientKind | None) -> Response | None:
+    """clipal's answer to a request path it must not serve, or None to go on.
+
+    ``client`` is the client werkzeug routed the request to, if any. A dot
+    segment gets 400 - resolved by the upstream, it would reach a provider
+    path outside base_url with the owner's key - in that client's error shape
+    when the path names it. A path whose own first segment is no client
+    prefix gets the 404 of an unknown path. Nothing is read or forwarded.
+    """
+    path = request_path(environ)
+    named = client if client is not None and subpath_after(path, client.prefix) is not None else None
+    if has_dot_segment(path):
+        get_logger(named.name if named else None).warning(
+            "request path %s has a '.' or '..' segment; answered 400", path)
+        return error_response(named, 400, "clipal: the request path has a '.' or '..' segment "
+                                          "(also percent-encoded); clipal does not forward such paths")
+    if client is not None and named is None:
+        return error_response(None, 404, no_route_message(path))
+    return None
+
+
+def raw_subpath(environ: dict, prefix: str) -> str:
+    """The request path after the client prefix, still percent-encoded as the client sent it.
+
+    Only for a request :func:`refuse_path` let through; raises ValueError
+    when the path's first segment is not ``prefix``.
+    """
+    subpath = subpath_after(request_path(environ), prefix)
+    if subpath is None:
+        raise ValueError(f"the request path does not start with the segment {prefix}")
+    return subpath
 
 
 class BodyTooLarge(Exception):
