@@ -1,6 +1,6 @@
 """The proxy itself: one request, walked over the providers until one answers.
 
-Flow: read the body once → pick providers from the failover state
+Flow: read the body once (:mod:`clipal.body`) → pick providers from the failover state
 → one attempt each (:mod:`clipal.forward`) → on failure record the verdict
 and try the next → at the commit point hand the response to the client and
 stream the rest, never retrying after that.
@@ -18,6 +18,7 @@ import requests
 from flask import Response
 
 from . import forward
+from .body import Body, BodyTooLarge, NoRoomForBody, read_body
 from .clientwatch import ClientGone, ClientWatch, client_socket
 from .classify import Kind, provider_failure
 from .clients import ClientKind
@@ -145,45 +146,6 @@ def raw_subpath(environ: dict, prefix: str) -> str:
     return subpath
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-def read_body(environ: dict, limit: int) -> bytes:
-    """The whole request body, read once; raises :class:`BodyTooLarge` past ``limit``."""
-    stream = environ["wsgi.input"]
-    length_header = environ.get("CONTENT_LENGTH")
-    if length_header:
-        try:
-            length = int(length_header)
-        except ValueError:
-            length = -1
-        if length > limit:
-            raise BodyTooLarge()
-        if length >= 0:
-            body = stream.read(length) if length else b""
-            if len(body) < length:  # a slow client: keep reading until all arrived
-                parts = [body]
-                got = len(body)
-                while got < length:
-                    more = stream.read(length - got)
-                    if not more:
-                        raise ClientGone()
-                    parts.append(more)
-                    got += len(more)
-                body = b"".join(parts)
-            return body
-    if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        return b""
-    buffer = bytearray()
-    while len(buffer) <= limit:
-        more = stream.read(min(65536, limit + 1 - len(buffer)))
-        if not more:
-            return bytes(buffer)
-        buffer += more
-    raise BodyTooLarge()
-
-
 def _request_headers(environ: dict) -> list[tuple[str, str]]:
     headers = []
     for key, value in environ.items():
@@ -208,36 +170,54 @@ def _remember_client_credentials(headers: list[tuple[str, str]], query: str) -> 
 def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: requests.Session) -> Response:
     """Serve one request for ``client`` with the configuration it arrived under."""
     log = get_logger(client.name)
-    settings = snapshot.config.settings
-    method = environ["REQUEST_METHOD"]
-    subpath = raw_subpath(environ, client.prefix)
-    query = environ.get("QUERY_STRING", "")
-
+    limit = snapshot.config.settings.max_request_body_bytes
     try:
-        body = read_body(environ, settings.max_request_body_bytes)
+        body = read_body(environ, limit)
     except BodyTooLarge:
-        log.warning("request body larger than max_request_body_bytes (%d); answered 413", settings.max_request_body_bytes)
-        return error_response(client, 413, f"request body exceeds clipal's max_request_body_bytes "
-                                            f"({settings.max_request_body_bytes} bytes)")
+        log.warning("request body larger than max_request_body_bytes (%d); answered 413", limit)
+        return error_response(client, 413, f"request body exceeds clipal's max_request_body_bytes ({limit} bytes)")
     except ClientGone:
         log.debug("client went away while sending the request body")
         return Response(status=400)
-    log.debug("request received: %s %s (%d bytes)", method, subpath or "/", len(body))
+    except NoRoomForBody as error:
+        log.error("no temporary file for a request body over the in-memory budget (%s); answered 503", error)
+        return error_response(client, 503, "clipal: no room to hold the request body; try again", retry_after=1)
+    return _attempts(client, environ, snapshot, session, body)
 
-    pool = snapshot.state.pool(client.name)
-    if not pool.providers:
-        path = snapshot.config.config_dir / client.file
-        return error_response(client, 503, f"clipal has no enabled providers for {client.name}: "
-                                           f"add one to {path}", retry_after=1)
 
-    headers = _request_headers(environ)
-    _remember_client_credentials(headers, query)
-    lane = pool.lane_for(client.is_count_tokens(subpath))
-    for name in pool.expire():
-        log.info("provider %s reactivated", name)
+def _attempts(client: ClientKind, environ: dict, snapshot: Snapshot, session: requests.Session,
+              body: Body) -> Response:
+    """The providers in turn with ``body``, until one answers or all failed.
 
-    watch = ClientWatch(client_socket(environ))
+    Every attempt replays the whole body, so it is held until the request
+    gives up, and then closed on every path; once a response is committed
+    the relay owns it and closes it when the response ends (the upstream
+    response keeps a reference to what was sent until then).
+    """
+    log = get_logger(client.name)
+    settings = snapshot.config.settings
+    method = environ["REQUEST_METHOD"]
+    held: Body | None = body
+    watch: ClientWatch | None = None
     try:
+        subpath = raw_subpath(environ, client.prefix)
+        query = environ.get("QUERY_STRING", "")
+        log.debug("request received: %s %s (%d bytes%s)", method, subpath or "/", body.length,
+                  ", held in a temporary file" if body.in_file else "")
+
+        pool = snapshot.state.pool(client.name)
+        if not pool.providers:
+            path = snapshot.config.config_dir / client.file
+            return error_response(client, 503, f"clipal has no enabled providers for {client.name}: "
+                                               f"add one to {path}", retry_after=1)
+
+        headers = _request_headers(environ)
+        _remember_client_credentials(headers, query)
+        lane = pool.lane_for(client.is_count_tokens(subpath))
+        for name in pool.expire():
+            log.info("provider %s reactivated", name)
+
+        watch = ClientWatch(client_socket(environ))
         for provider in pool.candidates(lane):
             request = build_upstream_request(
                 method=method, path=subpath, query=query, headers=headers, provider=provider,
@@ -247,13 +227,14 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
             log.debug("attempt via %s: %s %s", provider.name, method, request.url.split("?", 1)[0])
             try:
                 with watch.guard():
-                    ready = forward.send(session, request, body, settings.upstream_idle_timeout)
+                    # bytes, or a fresh reader from the file's start: each attempt sends it all
+                    ready = forward.send(session, request, body.payload(), settings.upstream_idle_timeout)
             except forward.AttemptFailed as failure:
                 _record_failure(log, pool, provider, failure, lane)
                 continue
             pool.succeeded(provider, lane)
-            relay = _Relay(client, provider, ready, watch, settings.upstream_idle_timeout, pool, lane)
-            watch = None  # the relay owns it now
+            relay = _Relay(client, provider, ready, watch, settings.upstream_idle_timeout, pool, lane, body)
+            watch = held = None  # the relay owns them now
             return relay.response()
     except ClientGone:
         log.info("client disconnected while waiting for the upstream; request abandoned")
@@ -261,6 +242,8 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
     finally:
         if watch is not None:
             watch.stop()
+        if held is not None:
+            held.close()
 
     unavailable = pool.unavailable(lane)
     log.error("all providers failed; answering %d (retry after %ds)", unavailable.status, unavailable.retry_after)
@@ -290,7 +273,7 @@ class _Relay:
     """
 
     def __init__(self, client: ClientKind, provider: Provider, ready: forward.Ready,
-                 watch: ClientWatch, idle_timeout: float, pool: ProviderPool, lane: str) -> None:
+                 watch: ClientWatch, idle_timeout: float, pool: ProviderPool, lane: str, body: Body) -> None:
         self.client = client
         self.provider = provider
         self.ready = ready
@@ -298,6 +281,7 @@ class _Relay:
         self.idle_timeout = idle_timeout
         self.pool = pool
         self.lane = lane
+        self.body = body
 
     def _failed(self, reason: str, kind: Kind) -> str:
         """A stall or break after the commit point: the provider failed, as a failed attempt does.
@@ -352,6 +336,7 @@ class _Relay:
             self.close()
 
     def close(self) -> None:
-        """Idempotent: stop watching the client and release the upstream response."""
+        """Idempotent: stop watching the client, release the upstream response and the request body."""
         self.watch.stop()
         self.ready.close()
+        self.body.close()
