@@ -29,6 +29,10 @@ from .clients import CLIENTS
 
 CONFIG_FILE = "config.yaml"
 
+#: The largest config file read. A real one is a few KB; YAML is parsed at about 3 s per MiB,
+#: and a hot reload holds the GIL for much of that, so anything bigger is refused unparsed.
+MAX_CONFIG_BYTES = 1024 * 1024
+
 #: The values of a provider's auth_header: where its key goes instead of the client's usual place.
 AUTH_CARRIERS = ("x-api-key", "authorization", "x-goog-api-key", "query")
 
@@ -346,6 +350,27 @@ def _check_base_url(value: object) -> str:
     return url
 
 
+def _api_key(value: object) -> str:
+    """The key without surrounding whitespace (a paste often brings a line break along).
+
+    Whitespace, control or non-ASCII characters inside cannot be in an HTTP
+    header, so every request would fail: that is a configuration error. The
+    message names the character's kind and place, never the key.
+    """
+    key = _string(value).strip()
+    for place, char in enumerate(key, start=1):
+        if char.isspace():
+            kind = "whitespace"
+        elif not char.isprintable():
+            kind = "a control or invisible character"
+        elif not char.isascii():
+            kind = "a non-ASCII character"
+        else:
+            continue
+        raise ValueError(f"has {kind} inside (character {place} of {len(key)}; the key is not shown)")
+    return key
+
+
 def _auth_header(value: object) -> str:
     carrier = _string(value).strip().lower()
     if carrier not in AUTH_CARRIERS:
@@ -356,7 +381,7 @@ def _auth_header(value: object) -> str:
 _PROVIDER_FIELDS = {
     "name": _string,
     "base_url": _check_base_url,
-    "api_key": _string,
+    "api_key": _api_key,
     "priority": _integer,
     "enabled": _boolean,
     "auth_header": _auth_header,
@@ -378,12 +403,20 @@ def _read_yaml(path: Path) -> Any:
     and file I/O is not cooperative under gevent: one FIFO named codex.yaml
     would freeze the whole proxy. O_NONBLOCK makes that open return at once
     (it changes nothing for a regular file); a device could be endless.
+    Files over :data:`MAX_CONFIG_BYTES` are refused by their size, and one
+    that grows past it while being read is refused too.
     """
     try:
         with open(path, "rb", opener=_open_nonblocking) as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            status = os.fstat(f.fileno())
+            if not stat.S_ISREG(status.st_mode):
                 raise ConfigError(path.name, "is not a regular file")
-            text = f.read().decode("utf-8")
+            if status.st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(path.name, _too_large(status.st_size))
+            data = f.read(MAX_CONFIG_BYTES + 1)
+            if len(data) > MAX_CONFIG_BYTES:
+                raise ConfigError(path.name, _too_large(len(data)))
+            text = data.decode("utf-8")
     except FileNotFoundError:
         return None
     except UnicodeDecodeError:
@@ -397,6 +430,10 @@ def _read_yaml(path: Path) -> Any:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(path.name, f"is not valid YAML{where}: {problem}") from None
+
+
+def _too_large(size: int) -> str:
+    return f"is larger than 1 MiB ({size} bytes); clipal reads config files up to {MAX_CONFIG_BYTES} bytes"
 
 
 def check_settings(table: Sequence[Setting[Any]], document: Any, file: str) -> dict[str, Any]:
