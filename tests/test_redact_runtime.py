@@ -115,3 +115,15 @@ def test_adding_costs_the_same_however_many_were_added_before():
         redactor.redact(line)
     per_request = (time.perf_counter() - start) / len(fresh)
     assert per_request < 200e-6, f"{per_request * 1e6:.0f} us per add + line"
+
+
+def test_provider_keys_prepared_ahead_are_used_only_for_the_same_keys():
+    redactor = Redactor()
+    redactor.prepare_known(["prepared-provider-key-0001 "])
+    redactor.set_known(["other-provider-key-0002"])  # not what was prepared: compiled on the spot
+    assert redactor.redact("other-provider-key-0002") == "othe...[redacted]"
+    assert redactor.redact("prepared-provider-key-0001") == "prepared-provider-key-0001"
+    redactor.prepare_known(["prepared-provider-key-0001"])
+    redactor.set_known(["prepared-provider-key-0001"])
+    assert redactor.redact("prepared-provider-key-0001 other-provider-key-0002") == (
+        "prep...[redacted] other-provider-key-0002")
