@@ -89,10 +89,9 @@ def subpath_after(path: str, prefix: str) -> str | None:
     rest of what the client sent. Returns None when the prefix is not the
     first segment; the rest keeps the client's percent-encoding.
     """
-    if not path.startswith("/"):
-        return None
+    name = prefix.strip("/")
     first, slash, rest = path[1:].partition("/")
-    if unquote(first) != prefix.strip("/"):
+    if not path.startswith("/") or (first != name and unquote(first) != name):
         return None
     return slash + rest
 

@@ -98,7 +98,11 @@ def _spellings(secret: str) -> set[str]:
 # (_MIN_EXACT_LEN, the shortest one remembered): a spelling without whitespace
 # lies inside a run of non-whitespace, and starts at one of the run's positions.
 _WINDOW = _MIN_EXACT_LEN
-_RUN = re.compile(r"\S{%d,}" % _WINDOW)
+
+
+def _runs_of(length: int) -> re.Pattern[str]:
+    """Runs of non-whitespace at least ``length`` long (re caches the few lengths ever used)."""
+    return re.compile(r"\S{%d,}" % max(length, _WINDOW))
 _WHITESPACE = re.compile(r"\s")
 # Spellings with whitespace (never a real token) are looked for one by one, so only the
 # most recent few are kept: a client sending such credentials cannot slow every line down.
@@ -155,9 +159,10 @@ class Redactor:
         # window -> the runtime spellings starting with it, longest first
         self._index: dict[str, tuple[str, ...]] = {}
         # How many indexed spellings have each length, and the shortest: a run shorter than it
-        # holds none, and no spelling starts closer to a run's end.
+        # holds none (so it is not even looked at), and no spelling starts closer to a run's end.
         self._lengths: collections.Counter[int] = collections.Counter()
         self._shortest = 0
+        self._runs = _runs_of(0)
         # runtime spellings with whitespace, newest last (see the class docstring)
         self._spaced: tuple[str, ...] = ()
         # How many remembered credentials have each spelling: one credential's URL-encoded
@@ -219,7 +224,8 @@ class Redactor:
             return
         # The shortest length first: a reader that sees the new entry must not stop short of it.
         self._lengths[len(form)] += 1
-        self._shortest = min(self._shortest, len(form)) if self._shortest else len(form)
+        if not self._shortest or len(form) < self._shortest:
+            self._runs, self._shortest = _runs_of(len(form)), len(form)
         window = form[:_WINDOW]
         self._index[window] = tuple(sorted((*self._index.get(window, ()), form), key=len, reverse=True))
 
@@ -240,7 +246,9 @@ class Redactor:
         self._lengths[len(form)] -= 1
         if not self._lengths[len(form)]:
             del self._lengths[len(form)]
-            self._shortest = min(self._lengths, default=0)
+            shortest = min(self._lengths, default=0)
+            if shortest != self._shortest:
+                self._shortest, self._runs = shortest, _runs_of(shortest)
 
     def redact(self, text: str) -> str:
         """Return ``text`` with every known or key-shaped secret masked."""
@@ -259,10 +267,11 @@ class Redactor:
     def _runtime_spans(self, text: str) -> list[tuple[int, int]]:
         """Where runtime credentials occur in ``text``."""
         spans: list[tuple[int, int]] = []
-        index, spaced, shortest = self._index, self._spaced, self._shortest
+        # Read once: the runs pattern is never longer than the shortest spelling indexed.
+        index, spaced, shortest, runs = self._index, self._spaced, self._shortest, self._runs
         if index:
             get = index.get
-            for run in _RUN.finditer(text):
+            for run in runs.finditer(text):
                 start, end = run.span()
                 for position in range(start, end - shortest + 1):
                     forms = get(text[position:position + _WINDOW])
