@@ -81,13 +81,21 @@ def create_app(config_dir: Path | str | None = None, *, config: Config | None = 
     for client in CLIENTS:
         app.register_blueprint(client_blueprint(client))
 
+    by_name = {client.name: client for client in CLIENTS}
+
+    @app.before_request
+    def refuse_unservable_paths() -> Response | None:
+        # Runs before every Blueprint's hooks and for unrouted paths too, so a
+        # dot segment is refused whatever it is attached to.
+        return proxy.refuse_path(request.environ, by_name.get(request.blueprint or ""))
+
     @app.get("/health")
     def health() -> Response:
         return Response('{"status": "healthy"}', mimetype="application/json")
 
     @app.errorhandler(404)
     def not_found(_error: Exception) -> Response:
-        return proxy.error_response(None, 404, f"clipal: no route for {request.path}; use /claudecode, /codex or /gemini")
+        return proxy.error_response(None, 404, proxy.no_route_message(request.path))
 
     @app.errorhandler(405)
     def not_allowed(_error: Exception) -> Response:

@@ -32,6 +32,10 @@ from .clients import CLIENTS
 
 CONFIG_FILE = "config.yaml"
 
+#: The largest config file read. A real one is a few KB; YAML is parsed at about 3 s per MiB,
+#: and a hot reload holds the GIL for much of that, so anything bigger is refused unparsed.
+MAX_CONFIG_BYTES = 1024 * 1024
+
 #: The values of a provider's auth_header: where its key goes instead of the client's usual place.
 AUTH_CARRIERS = ("x-api-key", "authorization", "x-goog-api-key", "query")
 
@@ -224,11 +228,16 @@ def _positive(value: object) -> int:
     return number
 
 
-def _log_level(value: object) -> str:
+def _one_of(value: object, names: Sequence[str] | Mapping[str, object], shown: Sequence[str]) -> str:
+    """``value`` as one of ``names`` (case and surrounding blanks ignored); the message lists ``shown``."""
     name = _string(value).strip().lower()
-    if name not in LOG_LEVELS:
-        raise ValueError(f"must be one of {', '.join(LOG_LEVEL_NAMES)}, got {value!r}")
-    return _LEVEL_NAMES[LOG_LEVELS[name]]
+    if name not in names:
+        raise ValueError(f"must be one of {', '.join(shown)}, got {value!r}")
+    return name
+
+
+def _log_level(value: object) -> str:
+    return _LEVEL_NAMES[LOG_LEVELS[_one_of(value, LOG_LEVELS, LOG_LEVEL_NAMES)]]
 
 
 def _listen_addr(value: object) -> str:
@@ -300,9 +309,10 @@ class BreakerSettings:
     """``circuit_breaker``: when a provider is taken out of the rotation for failing, and how it comes back.
 
     After ``failure_threshold`` provider failures in a row (connect errors and resets,
-    408/5xx/529/520-524, idle timeouts) the provider is skipped for ``open_timeout``
-    seconds; then trial requests go to it, and ``success_threshold`` successes in a
-    row put it back. ``failure_threshold: 0`` turns the breaker off.
+    408/5xx/529/520-524, idle timeouts, broken or incomplete streams) the provider is
+    tried only after every other one has failed, for ``open_timeout`` seconds; then one
+    request at a time probes it, and ``success_threshold`` completed answers in a row put
+    it back. ``failure_threshold: 0`` turns the breaker off.
     """
 
     failure_threshold: int = 4
@@ -510,21 +520,30 @@ def _check_base_url(value: object) -> str:
 
 
 def _auth_header(value: object) -> str:
-    carrier = _string(value).strip().lower()
-    if carrier not in AUTH_CARRIERS:
-        raise ValueError(f"must be one of {', '.join(AUTH_CARRIERS)}, got {value!r}")
-    return carrier
+    return _one_of(value, AUTH_CARRIERS, AUTH_CARRIERS)
 
 
 def _one_key(value: object) -> str:
-    """A provider key, trimmed. Messages complete "<where> ..." and never show the key."""
+    """A provider key without surrounding whitespace (a paste often brings a line break along).
+
+    Whitespace, control or non-ASCII characters inside cannot be in an HTTP
+    header, so every request would fail: that is a configuration error.
+    Messages complete "<where> ..." and name the character's kind and place,
+    never the key.
+    """
     key = _string(value).strip()
     if not key:
         raise ValueError("is empty")
-    # A key is sent in a header or a query: a space or line break inside is a paste
-    # mistake (two keys on one line, a wrapped line) that the provider would reject anyway.
-    if any(ch.isspace() or not ch.isprintable() for ch in key):
-        raise ValueError("must not contain whitespace or control characters")
+    for place, char in enumerate(key, start=1):
+        if char.isspace():
+            kind = "whitespace"
+        elif not char.isprintable():
+            kind = "a control or invisible character"
+        elif not char.isascii():
+            kind = "a non-ASCII character"
+        else:
+            continue
+        raise ValueError(f"has {kind} inside (character {place} of {len(key)}; the key is not shown)")
     return key
 
 
@@ -580,12 +599,20 @@ def _read_yaml(path: Path) -> Any:
     and file I/O is not cooperative under gevent: one FIFO named codex.yaml
     would freeze the whole proxy. O_NONBLOCK makes that open return at once
     (it changes nothing for a regular file); a device could be endless.
+    Files over :data:`MAX_CONFIG_BYTES` are refused by their size, and one
+    that grows past it while being read is refused too.
     """
     try:
         with open(path, "rb", opener=_open_nonblocking) as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            status = os.fstat(f.fileno())
+            if not stat.S_ISREG(status.st_mode):
                 raise ConfigError(path.name, "is not a regular file")
-            text = f.read().decode("utf-8")
+            if status.st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(path.name, _too_large(status.st_size))
+            data = f.read(MAX_CONFIG_BYTES + 1)
+            if len(data) > MAX_CONFIG_BYTES:
+                raise ConfigError(path.name, _too_large(len(data)))
+            text = data.decode("utf-8")
     except FileNotFoundError:
         return None
     except UnicodeDecodeError:
@@ -599,6 +626,10 @@ def _read_yaml(path: Path) -> Any:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(path.name, f"is not valid YAML{where}: {problem}") from None
+
+
+def _too_large(size: int) -> str:
+    return f"is larger than 1 MiB ({size} bytes); clipal reads config files up to {MAX_CONFIG_BYTES} bytes"
 
 
 def check_settings(table: Sequence[Setting[Any]], document: Any, file: str) -> dict[str, Any]:

@@ -10,6 +10,8 @@ at start and at each day change.
 
 No API key may ever reach a log line, whoever wrote the message: the formatter
 redacts the final text (message, traceback and all) with :mod:`clipal.redact`.
+It also escapes control characters, so that text from an upstream can neither
+start a line of its own nor send escape sequences to a terminal.
 
 Nothing here touches sockets, so importing it before gevent's monkey-patching is
 harmless.
@@ -23,6 +25,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -74,8 +77,36 @@ def _level_tag(levelno: int) -> str:
     return "[DEBUG] "
 
 
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: upstream text
+# (a status line, an error message) holding one could forge a log line of its own or
+# drive the terminal showing the log (ESC sequences, BEL).
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# The same but the newline, for tracebacks: their line breaks are the formatter's own.
+_CONTROLS_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED_ESCAPES.get(char)
+    if named is not None:
+        return named
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
+def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with control characters written as Python-style escapes (``\\x1b``, ``\\r``)."""
+    pattern = _CONTROLS_BUT_NEWLINE if keep_newlines else _CONTROLS
+    return pattern.sub(_escape, text) if pattern.search(text) else text
+
+
 class ClipalFormatter(logging.Formatter):
-    """``[LEVEL] YYYY-MM-DD HH:MM:SS [client] message``, redacted as a whole."""
+    """``[LEVEL] YYYY-MM-DD HH:MM:SS [client] message``, redacted, and escaped so it stays one line.
+
+    Control characters are escaped in the message; a traceback or stack that
+    follows keeps its line breaks. Escaping comes after redaction, so the
+    patterns see the text as written (``Bearer<TAB>key``).
+    """
 
     def __init__(self, redactor: Redactor) -> None:
         super().__init__()
@@ -91,18 +122,47 @@ class ClipalFormatter(logging.Formatter):
             self._clock = (second, text)
         return text
 
+    def formatException(self, ei) -> str:  # type: ignore[override]  # logging's own signature
+        """The traceback as logging writes it, with each exception's message escaped whole.
+
+        The traceback's line breaks are the formatter's; those inside an
+        exception's message (which may quote an upstream) are not.
+        """
+        exc_type, value, tb = ei
+        if exc_type is None or value is None:
+            return super().formatException(ei)
+        report = traceback.TracebackException(exc_type, value, tb, compact=True)
+        pending, seen = [report], set()
+        while pending:  # the chain (cause, context) and the members of exception groups
+            exc = pending.pop()
+            if id(exc) in seen:
+                continue
+            seen.add(id(exc))
+            # TracebackException keeps each message in _str (Python 3.11 to 3.13). Were it
+            # ever gone, a message would keep its line breaks; its other controls are still
+            # escaped by format().
+            if isinstance(getattr(exc, "_str", None), str):
+                exc._str = escape_controls(exc._str)
+            members = getattr(exc, "exceptions", None) or ()
+            pending.extend(e for e in (exc.__cause__, exc.__context__, *members) if e is not None)
+        return "".join(report.format()).removesuffix("\n")
+
     def format(self, record: logging.LogRecord) -> str:
         client = getattr(record, "client", None)
         client_tag = f"[{client}] " if client else ""
-        text = f"{_level_tag(record.levelno)}{self.formatTime(record)} {client_tag}{record.getMessage()}"
+        line = f"{_level_tag(record.levelno)}{self.formatTime(record)} {client_tag}{record.getMessage()}"
+        text = escape_controls(self._redactor.redact(line))
         if record.exc_info and not record.exc_text:
             # Cached on the record for any other handler, so cache it masked.
             record.exc_text = self._redactor.redact(self.formatException(record.exc_info))
         if record.exc_text:
-            text = f"{text}\n{record.exc_text}"
+            # Redacted again: another handler's formatter may have cached it first, unmasked.
+            exc_text = self._redactor.redact(record.exc_text)
+            text = f"{text}\n{escape_controls(exc_text, keep_newlines=True)}"
         if record.stack_info:
-            text = f"{text}\n{self.formatStack(record.stack_info)}"
-        return self._redactor.redact(text)
+            stack = self._redactor.redact(self.formatStack(record.stack_info))
+            text = f"{text}\n{escape_controls(stack, keep_newlines=True)}"
+        return text
 
 
 # ---------------------------------------------------------------------------

@@ -13,12 +13,13 @@ import json
 import logging
 import time
 from typing import Iterator
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import requests
 from flask import Response
 
 from . import forward
+from .body import Body, BodyTooLarge, NoRoomForBody, read_body
 from .clientwatch import ClientGone, ClientWatch, client_socket
 from .access import is_loopback_address
 from .classify import RETURN, Kind, classify_answer, provider_failure
@@ -56,7 +57,8 @@ def error_response(client: ClientKind | None, status: int, message: str, *,
                    retry_after: int | None = None, provider: str | None = None) -> Response:
     """An error clipal produces itself, in the client's own JSON shape."""
     if client is None:
-        body = json.dumps({"error": {"message": message, "type": "not_found"}}).encode()
+        kind = "invalid_request" if status == 400 else "not_found"
+        body = json.dumps({"error": {"message": message, "type": kind}}).encode()
     else:
         body = client.error_body(status, message)
     response = Response(body, status=status, mimetype="application/json")
@@ -70,55 +72,81 @@ def error_response(client: ClientKind | None, status: int, message: str, *,
 # --- request details ------------------------------------------------------------
 
 
-def raw_subpath(environ: dict, prefix: str) -> str:
-    """The request path after the client prefix, still percent-encoded as the client sent it."""
+def request_path(environ: dict) -> str:
+    """The path of the request target, still percent-encoded as the client sent it."""
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if raw:
         path = raw.split("?", 1)[0]
         if "://" in path:  # absolute-form request target
             path = "/" + path.split("://", 1)[1].partition("/")[2]
-    else:
-        path = quote(environ.get("PATH_INFO", ""), safe="/:@!$&'()*+,;=-._~")
-    return path[len(prefix):]
+        return path
+    return quote(environ.get("PATH_INFO", ""), safe="/:@!$&'()*+,;=-._~")
 
 
-class BodyTooLarge(Exception):
-    pass
+def subpath_after(path: str, prefix: str) -> str | None:
+    """What follows ``prefix`` in ``path`` when the path's first segment, decoded, is the prefix.
+
+    Segments are split at the slashes the client wrote, so an encoded slash
+    (``%2F``) never ends one, and an empty first segment (``//claudecode``)
+    is not the prefix: werkzeug routes both as ``/claudecode/...`` (it drops
+    leading slashes and decodes ``%2F``), but the rest forwarded must be the
+    rest of what the client sent. Returns None when the prefix is not the
+    first segment; the rest keeps the client's percent-encoding.
+    """
+    name = prefix.strip("/")
+    first, slash, rest = path[1:].partition("/")
+    if not path.startswith("/") or (first != name and unquote(first) != name):
+        return None
+    return slash + rest
 
 
-def read_body(environ: dict, limit: int) -> bytes:
-    """The whole request body, read once; raises :class:`BodyTooLarge` past ``limit``."""
-    stream = environ["wsgi.input"]
-    length_header = environ.get("CONTENT_LENGTH")
-    if length_header:
-        try:
-            length = int(length_header)
-        except ValueError:
-            length = -1
-        if length > limit:
-            raise BodyTooLarge()
-        if length >= 0:
-            body = stream.read(length) if length else b""
-            if len(body) < length:  # a slow client: keep reading until all arrived
-                parts = [body]
-                got = len(body)
-                while got < length:
-                    more = stream.read(length - got)
-                    if not more:
-                        raise ClientGone()
-                    parts.append(more)
-                    got += len(more)
-                body = b"".join(parts)
-            return body
-    if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        return b""
-    buffer = bytearray()
-    while len(buffer) <= limit:
-        more = stream.read(min(65536, limit + 1 - len(buffer)))
-        if not more:
-            return bytes(buffer)
-        buffer += more
-    raise BodyTooLarge()
+def has_dot_segment(path: str) -> bool:
+    """Whether a segment of the decoded path is ``.`` or ``..``.
+
+    Decoded as a whole, so ``%2e%2e`` counts and so does ``..%2F``: an
+    upstream that decodes an encoded slash before resolving the path would
+    climb out of base_url on it, with the provider's key.
+    """
+    if "." not in path and "%" not in path:
+        return False
+    return any(segment in (".", "..") for segment in unquote(path).split("/"))
+
+
+def no_route_message(path: str) -> str:
+    return f"clipal: no route for {path}; use /claudecode, /codex or /gemini"
+
+
+def refuse_path(environ: dict, client: ClientKind | None) -> Response | None:
+    """clipal's answer to a request path it must not serve, or None to go on.
+
+    ``client`` is the client werkzeug routed the request to, if any. A dot
+    segment gets 400 - resolved by the upstream, it would reach a provider
+    path outside base_url with the owner's key - in that client's error shape
+    when the path names it. A path whose own first segment is no client
+    prefix gets the 404 of an unknown path. Nothing is read or forwarded.
+    """
+    path = request_path(environ)
+    named = client if client is not None and subpath_after(path, client.prefix) is not None else None
+    if has_dot_segment(path):
+        get_logger(named.name if named else None).warning(
+            "request path %s has a '.' or '..' segment; answered 400", path)
+        return error_response(named, 400, "clipal: the request path has a '.' or '..' segment "
+                                          "(also percent-encoded); clipal does not forward such paths")
+    if client is not None and named is None:
+        return error_response(None, 404, no_route_message(path))
+    return None
+
+
+def raw_subpath(environ: dict, prefix: str) -> str:
+    """The request path after the client prefix, still percent-encoded as the client sent it.
+
+    Only for a request :func:`refuse_path` let through; raises ValueError
+    when the path's first segment is not ``prefix``.
+    """
+    subpath = subpath_after(request_path(environ), prefix)
+    if subpath is None:
+        raise ValueError(f"the request path does not start with the segment {prefix}")
+    return subpath
 
 
 def _request_headers(environ: dict) -> list[tuple[str, str]]:
@@ -145,38 +173,56 @@ def _remember_client_credentials(headers: list[tuple[str, str]], query: str) -> 
 def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: requests.Session) -> Response:
     """Serve one request for ``client`` with the configuration it arrived under."""
     log = get_logger(client.name)
-    settings = snapshot.config.settings
-    method = environ["REQUEST_METHOD"]
-    subpath = raw_subpath(environ, client.prefix)
-    query = environ.get("QUERY_STRING", "")
-
+    limit = snapshot.config.settings.max_request_body_bytes
     try:
-        body = read_body(environ, settings.max_request_body_bytes)
+        body = read_body(environ, limit)
     except BodyTooLarge:
-        log.warning("request body larger than max_request_body_bytes (%d); answered 413", settings.max_request_body_bytes)
-        return error_response(client, 413, f"request body exceeds clipal's max_request_body_bytes "
-                                            f"({settings.max_request_body_bytes} bytes)")
+        log.warning("request body larger than max_request_body_bytes (%d); answered 413", limit)
+        return error_response(client, 413, f"request body exceeds clipal's max_request_body_bytes ({limit} bytes)")
     except ClientGone:
         log.debug("client went away while sending the request body")
         return Response(status=400)
-    log.debug("request received: %s %s (%d bytes)", method, subpath or "/", len(body))
+    except NoRoomForBody as error:
+        log.error("no temporary file for a request body over the in-memory budget (%s); answered 503", error)
+        return error_response(client, 503, "clipal: no room to hold the request body; try again", retry_after=1)
+    return _attempts(client, environ, snapshot, session, body)
 
-    routing = snapshot.routing.client(client.name)
-    if not routing.providers:
-        # The whole path helps the owner at this machine; a caller elsewhere learns only the file name.
-        local = is_loopback_address(environ.get("REMOTE_ADDR", ""))
-        path = snapshot.config.config_dir / client.file if local else client.file
-        return error_response(client, 503, f"clipal has no enabled providers for {client.name}: "
-                                           f"add one to {path}", retry_after=1)
 
-    headers = _request_headers(environ)
-    _remember_client_credentials(headers, query)
-    count_tokens = client.is_count_tokens(subpath)
-    walk = routing.walk(routing.lane_for(count_tokens), count_tokens=count_tokens)
-    _log_events(log, walk)
+def _attempts(client: ClientKind, environ: dict, snapshot: Snapshot, session: requests.Session,
+              body: Body) -> Response:
+    """The providers (and keys) in turn with ``body``, until one answers or all failed.
 
-    watch = ClientWatch(client_socket(environ))
+    Every attempt replays the whole body, so it is held until the request
+    gives up, and then closed on every path; once a response is committed
+    the relay owns it and closes it when the response ends (the upstream
+    response keeps a reference to what was sent until then).
+    """
+    log = get_logger(client.name)
+    settings = snapshot.config.settings
+    method = environ["REQUEST_METHOD"]
+    held: Body | None = body
+    watch: ClientWatch | None = None
     try:
+        subpath = raw_subpath(environ, client.prefix)
+        query = environ.get("QUERY_STRING", "")
+        log.debug("request received: %s %s (%d bytes%s)", method, subpath or "/", body.length,
+                  ", held in a temporary file" if body.in_file else "")
+
+        routing = snapshot.routing.client(client.name)
+        if not routing.providers:
+            # The whole path helps the owner at this machine; a caller elsewhere learns only the file name.
+            local = is_loopback_address(environ.get("REMOTE_ADDR", ""))
+            path = snapshot.config.config_dir / client.file if local else client.file
+            return error_response(client, 503, f"clipal has no enabled providers for {client.name}: "
+                                               f"add one to {path}", retry_after=1)
+
+        headers = _request_headers(environ)
+        _remember_client_credentials(headers, query)
+        count_tokens = client.is_count_tokens(subpath)
+        walk = routing.walk(routing.lane_for(count_tokens), count_tokens=count_tokens)
+        _log_events(log, walk)
+
+        watch = ClientWatch(client_socket(environ))
         for attempt in walk:
             provider = attempt.provider
             request = build_upstream_request(
@@ -188,7 +234,8 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
                       method, request.url.split("?", 1)[0])
             try:
                 with watch.guard():
-                    ready = forward.send(session, request, body, settings.upstream_idle_timeout)
+                    # bytes, or a fresh reader from the file's start: each attempt sends it all
+                    ready = forward.send(session, request, body.payload(), settings.upstream_idle_timeout)
             except forward.NetworkFailure as failure:
                 if routing.manual:  # no failover: clipal answers for the unreachable pinned provider
                     log.warning("pinned provider %s failed: %s; answering 502 (manual mode)", provider.name,
@@ -207,9 +254,9 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
                 _log_events(log, walk)
                 continue
             walk.committed(attempt)
-            relay = _Relay(client, attempt, ready, watch, settings.upstream_idle_timeout, walk)
+            relay = _Relay(client, attempt, ready, watch, settings.upstream_idle_timeout, walk, body)
             relay.token_name = environ.get(TOKEN_NAME)
-            watch = None  # the relay owns it now
+            watch = held = None  # the relay owns them now
             return relay.response()
     except ClientGone:
         log.info("client disconnected while waiting for the upstream; request abandoned")
@@ -217,11 +264,14 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
     finally:
         if watch is not None:
             watch.stop()
+        if held is not None:
+            held.close()
 
     unavailable = walk.unavailable()
     log.error("all providers failed; answering %d (retry after %ds)", unavailable.status, unavailable.retry_after)
     return error_response(client, unavailable.status, f"clipal: {unavailable.message}",
                           retry_after=unavailable.retry_after)
+
 
 
 def _log_events(log: logging.LoggerAdapter, walk: Walk) -> None:
@@ -253,7 +303,7 @@ class _Relay:
     """
 
     def __init__(self, client: ClientKind, attempt: Attempt, ready: forward.Ready,
-                 watch: ClientWatch, idle_timeout: float, walk: Walk) -> None:
+                 watch: ClientWatch, idle_timeout: float, walk: Walk, body: Body) -> None:
         self.client = client
         self.attempt = attempt
         self.provider = attempt.provider
@@ -261,6 +311,7 @@ class _Relay:
         self.watch = watch
         self.idle_timeout = idle_timeout
         self.walk = walk
+        self.body = body
         #: the access token's name, for the completion line (None without access tokens)
         self.token_name: str | None = None
         self.check: CompletionCheck | None = None
@@ -337,8 +388,9 @@ class _Relay:
             self.close()
 
     def close(self) -> None:
-        """Idempotent: stop watching the client and release the upstream response."""
+        """Idempotent: stop watching the client, release the upstream response and the request body."""
         self.watch.stop()
         self.ready.close()
+        self.body.close()
         if not self._reported:  # never iterated (HEAD, or the client left before the first write)
             self._finished(True if 200 <= self.ready.status < 300 and self.check is None else None)

@@ -343,17 +343,16 @@ KEY = "sk-SECRET-key-value-0123"
     ({"api_keys": f"[{KEY}, [{KEY}]]"}, "api_keys item 2 must be a string, got a list"),
     ({"api_keys": f"[{KEY}-a, {KEY}-b, {KEY}-a]"}, "api_keys item 3 duplicates item 1"),
     ({"api_keys": f'["{KEY}", " {KEY}  "]'}, "api_keys item 2 duplicates item 1"),  # equal once trimmed
-    ({"api_keys": f'[{KEY}, "{KEY[:5]} {KEY[5:]}"]'}, "api_keys item 2 must not contain whitespace or control "
-                                                      "characters"),
-    ({"api_keys": f'["{KEY}\\u0007"]'}, "api_keys item 1 must not contain whitespace or control characters"),
-    ({"api_key": f'"{KEY[:5]}\\n{KEY[5:]}"'}, "api_key must not contain whitespace or control characters"),
-    ({"api_key": f'"{KEY}\\u200b"'}, "api_key must not contain whitespace or control characters"),
+    ({"api_keys": f'[{KEY}, "{KEY[:5]} {KEY[5:]}"]'}, "api_keys item 2 has whitespace inside (character 6"),
+    ({"api_keys": f'["{KEY}\\u0007"]'}, "api_keys item 1 has a control or invisible character inside"),
+    ({"api_key": f'"{KEY[:5]}\\n{KEY[5:]}"'}, "api_key has whitespace inside (character 6"),
+    ({"api_key": f'"{KEY}\\u200b"'}, "api_key has a control or invisible character inside"),
     ({"api_key": '"  "'}, "api_key is required"),
 ])
 def test_bad_keys_are_named_by_position_never_by_value(tmp_path, keys, message):
     write(tmp_path, "codex.yaml", provider_file(name="x", base_url="https://api.example.com", **keys))
     text = str(load_error(tmp_path))
-    assert text == f'codex.yaml: provider "x": {message}'
+    assert text.startswith(f'codex.yaml: provider "x": {message}')
     assert KEY[:5] not in text
 
 

@@ -6,8 +6,8 @@ upstreams - one with the default circuit breaker, one with the breaker off
 while each provider flips, at random, among answering, 503, 529 with a
 hint, stalling, dropping mid-stream and refusing connections. No agent may
 see a hung answer, or a truncated answer that ends cleanly; and the breaker,
-which only steers, must not cost successes: the two success counts are
-within 10 % of each other.
+which only steers, must not cost successes: the breaker's success count is
+at least 90 % of the other's.
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ def agent(url: str, deadline: float, results: dict, lock: threading.Lock) -> Non
             outcome = "hung"
         with lock:
             results[outcome] = results.get(outcome, 0) + 1
+        # Paced like an agent (one request, a short think): the counts then measure outcomes,
+        # not which of the two clipal processes got more of the machine's CPU.
+        time.sleep(0.05)
 
 
 def test_the_breaker_keeps_every_answer_whole_and_costs_no_successes_under_chaos(clipal, upstream_factory):
@@ -101,4 +104,6 @@ def test_the_breaker_keeps_every_answer_whole_and_costs_no_successes_under_chaos
         assert tally.get("ok", 0) > 20, f"{name}: {tally}"
     print("chaos tallies:", tallies)  # shown with -s: the numbers behind the comparison
     ok_breaker, ok_plain = tallies["breaker"]["ok"], tallies["no-breaker"]["ok"]
-    assert abs(ok_breaker - ok_plain) <= 0.1 * max(ok_breaker, ok_plain), tallies
+    # The breaker only steers: it must not cost successes (it may well add some, by trying a
+    # provider that keeps stalling last instead of first).
+    assert ok_breaker >= 0.9 * ok_plain, tallies
