@@ -41,6 +41,15 @@ def pytest_configure(config: pytest.Config) -> None:
                                        'deselect with -m "not live"')
 
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With ``-m "not live"``, whole live modules are not even imported (their SDK imports cost seconds)."""
+    if " ".join(config.getoption("markexpr", "").split()) == "not live":
+        stem = collection_path.stem
+        if stem in LIVE_MODULES or stem.startswith("test_live_"):
+            return True
+    return None
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = item.module.__name__ if getattr(item, "module", None) else ""
