@@ -10,7 +10,9 @@ import json
 import pytest
 
 from clipal.clients import CODEX
+from clipal.config import Provider
 from clipal.frontdoor import Refusal, framing_problem, header_block_problem, refusal_response
+from clipal.outbound import build_upstream_request
 
 
 @pytest.mark.parametrize("headers, version, expected", [
@@ -90,3 +92,14 @@ def test_the_refusal_is_a_closing_json_error_in_the_clients_shape():
         generic = json.loads(refusal_response(Refusal(431, "too large"), path).partition(b"\r\n\r\n")[2])
         assert generic == {"error": {"type": "invalid_request_error", "message": "clipal: too large"}}
     assert refusal_response(Refusal(431, "x"), None).startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+
+
+def test_expect_is_never_forwarded():
+    # clipal's server has met the expectation: the whole body is read before anything is forwarded.
+    request = build_upstream_request(
+        method="POST", path="/v1/responses", query="",
+        headers=[("Expect", "100-continue"), ("Content-Type", "application/json"), ("X-Other", "kept")],
+        provider=Provider(name="A", base_url="http://127.0.0.1:1", api_key="sk-test"), client=CODEX,
+        remote_addr="127.0.0.1")
+    names = [name.lower() for name, _ in request.headers]
+    assert "expect" not in names and "x-other" in names
