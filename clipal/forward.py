@@ -396,6 +396,9 @@ def send(session: requests.Session, request: UpstreamRequest, body: bytes, idle_
     except requests.exceptions.ConnectTimeout:
         raise _network_failure("connect timeout") from None
     except requests.exceptions.ConnectionError as exc:
+        from .frontdoor import NO_FILE_DESCRIPTORS, OutOfFileDescriptors
+        if any(getattr(error, "errno", None) in NO_FILE_DESCRIPTORS for error in _causes(exc)):
+            raise OutOfFileDescriptors(describe_error(exc)) from None  # clipal's shortage, not the provider's
         raise _network_failure(_refused_head(exc) or f"connection failed: {describe_error(exc)}") from None
     except requests.exceptions.RequestException as exc:
         raise _network_failure(f"request failed: {describe_error(exc)}") from None

@@ -25,6 +25,7 @@ short, fixed text: it never repeats a header value, which may carry a key.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ MAX_HEADER_LINES = 100
 #: Transfer codings with a registered meaning (RFC 9112 section 7). Any other is not implemented (501);
 #: these are refused (400) unless the whole Transfer-Encoding is ``chunked``: clipal decodes nothing else.
 KNOWN_CODINGS = frozenset({"chunked", "compress", "deflate", "gzip", "identity", "x-compress", "x-gzip"})
+
+#: errno values of a process, or the whole system, out of file descriptors.
+NO_FILE_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 
 # A valid block, in one regular-expression pass: lines of token ":" value, where a value is
 # SP, HTAB, visible ASCII and obs-text (RFC 9110 section 5.5), then the blank line.
@@ -68,6 +72,10 @@ class Refused(ValueError):
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(refusal.reason)
         self.refusal = refusal
+
+
+class OutOfFileDescriptors(Exception):
+    """clipal could not open a connection for lack of file descriptors: its problem, not a provider's."""
 
 
 def too_large(size: int) -> Refusal:

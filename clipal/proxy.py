@@ -23,6 +23,7 @@ from .classify import Kind, provider_failure
 from .clients import ClientKind
 from .config import Provider, format_duration
 from .failover import ProviderPool
+from .frontdoor import OutOfFileDescriptors
 from .logs import get_logger
 from .outbound import build_upstream_request, client_credentials
 from .redact import add_secret
@@ -184,6 +185,9 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
             except forward.AttemptFailed as failure:
                 _record_failure(log, pool, provider, failure, lane)
                 continue
+            except OutOfFileDescriptors as error:  # no provider is to blame, and none other would do better
+                log.error("clipal ran out of file descriptors connecting upstream (%s); answered 503, no provider blamed", error)
+                return error_response(client, 503, "clipal ran out of file descriptors", retry_after=1)
             pool.succeeded(provider, lane)
             relay = _Relay(client, provider, ready, watch, settings.upstream_idle_timeout, pool, lane)
             watch = None  # the relay owns it now

@@ -25,10 +25,15 @@ from gevent.pywsgi import MAX_REQUEST_LINE, Input, OldMessage, WSGIHandler, WSGI
 from gevent.pywsgi import _InvalidClientInput, _InvalidClientRequest
 from werkzeug.exceptions import HTTPException
 
-from .frontdoor import (MAX_HEADER_BLOCK, MAX_HEADER_LINES, TOO_MANY_LINES, Refusal, Refused,
-                        framing_problem, header_block_problem, refusal_response, too_large)
+from .frontdoor import (MAX_HEADER_BLOCK, MAX_HEADER_LINES, NO_FILE_DESCRIPTORS, TOO_MANY_LINES, Refusal,
+                        Refused, framing_problem, header_block_problem, refusal_response, too_large)
 from .headerparse import parse_headers
 from .logs import get_logger
+
+try:  # imported now: out of file descriptors, an import (which opens files) would fail
+    import resource
+except ImportError:  # not Unix
+    resource = None  # type: ignore[assignment]
 
 #: How long in-flight responses may take to finish after SIGTERM/SIGINT.
 SHUTDOWN_GRACE = 5.0
@@ -55,11 +60,17 @@ HEADER_TIMEOUT = _limit_for_tests("CLIPAL_HEADER_TIMEOUT", 30.0)
 BODY_TIMEOUT = _limit_for_tests("CLIPAL_BODY_TIMEOUT", 60.0)
 #: A kept-alive connection with no next request within this long is closed.
 KEEPALIVE_TIMEOUT = _limit_for_tests("CLIPAL_KEEPALIVE_TIMEOUT", 75.0)
+#: Client connections open at once; more wait in the listening socket's backlog, not accepted.
+MAX_CONNECTIONS = int(_limit_for_tests("CLIPAL_MAX_CONNECTIONS", 2000))
 #: After a refusal, what the client still sends is read and dropped for up to this long (and
 #: this many bytes) before the close: closing on unread input sends a reset, which can destroy
 #: the refusal before the client has read it.
 LINGER_TIME = 2.0
 LINGER_BYTES = 1 << 20
+#: How often accepting is tried again while clipal is out of file descriptors.
+ACCEPT_RETRY = 0.1
+#: The out-of-file-descriptors line is repeated at most this often while it lasts.
+FD_LOG_INTERVAL = 30.0
 
 
 class BodyRefused(HTTPException):
@@ -462,18 +473,24 @@ class _ErrorLog:
 
 
 class ProxyServer(WSGIServer):
-    """WSGIServer that can drain: close idle kept-alive connections, read no new requests.
+    """WSGIServer that can drain, caps its connections and survives running out of file descriptors.
 
-    Connection handlers run in an (unbounded) pool, so that ``stop(timeout)``
-    waits for in-flight responses; without a pool gevent's ``stop`` returns at
-    once and the process exits in the middle of a client's stream.
+    Connection handlers run in a pool of :data:`MAX_CONNECTIONS`: while it is
+    full, gevent stops accepting and further clients wait in the kernel's
+    backlog. The pool also lets ``stop(timeout)`` wait for in-flight
+    responses; without one gevent's ``stop`` returns at once and the process
+    exits in the middle of a client's stream.
+
+    Draining closes idle kept-alive connections and reads no new requests.
     """
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("spawn", Pool())
+        kwargs.setdefault("spawn", Pool(MAX_CONNECTIONS))
         super().__init__(*args, **kwargs)
         self.idle_sockets: set = set()
         self.draining = False
+        self._out_of_fds = False
+        self._out_of_fds_logged = float("-inf")
 
     def drain(self) -> None:
         self.draining = True
@@ -482,6 +499,42 @@ class ProxyServer(WSGIServer):
                 sock.shutdown(socket.SHUT_RDWR)  # wakes the handler's read with EOF; it then closes
             except OSError:
                 pass
+
+    def do_read(self):
+        # gevent reports a failed accept() as an error of the server, with a traceback; out of
+        # file descriptors, the cause is known and passes once connections close.
+        try:
+            accepted = super().do_read()
+        except OSError as error:
+            if error.errno not in NO_FILE_DESCRIPTORS:
+                raise
+            self._wait_for_file_descriptors(error)
+            return None
+        if self._out_of_fds and accepted:
+            self._out_of_fds = False
+            get_logger().info("file descriptors available again: accepting connections")
+        return accepted
+
+    def _wait_for_file_descriptors(self, error: OSError) -> None:
+        now = time.monotonic()
+        if not self._out_of_fds and now - self._out_of_fds_logged >= FD_LOG_INTERVAL:
+            self._out_of_fds_logged = now
+            get_logger().error("clipal ran out of file descriptors (%s%s): new connections wait until some "
+                               "close", error.strerror or error, _fd_limit())
+        self._out_of_fds = True
+        # Not at once: the listening socket stays readable, so accept() would fail in a busy loop.
+        self.stop_accepting()
+        gevent.spawn_later(ACCEPT_RETRY, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self.started and not self.closed:
+            self.start_accepting()
+
+
+def _fd_limit() -> str:
+    if resource is None:
+        return ""
+    return f"; ulimit -n is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}"
 
 
 def make_server(app: Flask, listen_addr: str, port: int) -> ProxyServer:

@@ -5,7 +5,8 @@ FakeUpstream: a refused request must reach it in no form, nor anything sent afte
 same connection. Refusals are a client's errors: never a 500, never a traceback or an ERROR
 line in the server's output.
 
-The slow-client limits are checked with the limits shortened through the environment.
+The slow-client limits, the connection cap and running out of file descriptors are checked
+with the limits shortened through the environment.
 """
 
 from __future__ import annotations
@@ -382,3 +383,58 @@ def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(cli
         took = time.monotonic() - idle_from
     assert result.closed and result.data == b""
     assert 1.3 < took < 4, took
+
+
+def test_connections_beyond_the_cap_wait_in_the_backlog_until_one_closes(clipal, upstream_factory):
+    up = upstream_factory("A")
+    proxy = clipal(env={"CLIPAL_MAX_CONNECTIONS": "2"}, codex=[provider("A", up)])
+    health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    held = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(2)]
+    try:
+        for sock in held:  # both accepted and served, then kept alive
+            sock.sendall(health)
+            assert read_until_closed(sock, wait=0.5).statuses == [200]
+        with socket.create_connection(("127.0.0.1", proxy.port)) as third:  # connects: the kernel queues it
+            third.sendall(health)
+            waiting = read_until_closed(third, wait=1.0)
+            assert waiting.data == b"" and not waiting.closed, "a third connection was served"
+            held.pop().close()
+            served = read_until_closed(third, wait=2.0)
+            assert served.statuses == [200], served.data
+    finally:
+        for sock in held:
+            sock.close()
+
+
+# --------------------------------------------------------------------------- file descriptors (clipal)
+
+
+@pytest.mark.skipif(not hasattr(__import__("resource"), "prlimit"), reason="needs prlimit (Linux)")
+def test_running_out_of_file_descriptors_is_clipals_own_problem_and_passes(clipal, upstream_factory):
+    import resource
+
+    a, b = upstream_factory("A"), upstream_factory("B")
+    proxy = clipal(codex=[provider("A", a)], claudecode=[provider("B", b)])
+    resource.prlimit(proxy.proc.pid, resource.RLIMIT_NOFILE, (64, 64))
+    kept = socket.create_connection(("127.0.0.1", proxy.port))  # accepted while there are fds to spare
+    kept.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert read_until_closed(kept, wait=0.5).statuses == [200]
+    held = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(70)]
+    try:
+        proxy.wait_for_output("clipal ran out of file descriptors (Too many open files; ulimit -n is 64)")
+        # A request on a connection clipal holds already: its upstream connection finds no fd either.
+        kept.sendall(post(f"Content-Length: {len(BODY)}\r\nConnection: close\r\n", BODY))
+        answer = read_until_closed(kept, wait=3)
+        assert answer.status == 503, answer.data
+        assert b"clipal ran out of file descriptors" in answer.data
+    finally:
+        for sock in held:
+            sock.close()
+        kept.close()
+    proxy.wait_for_output("file descriptors available again")
+    r = requests.post(proxy.url + "/claudecode/v1/messages", data=BODY, timeout=5)
+    assert r.status_code == 200 and r.headers["X-Clipal-Provider"] == "B"
+    out = proxy.output()
+    assert "clipal ran out of file descriptors connecting upstream (Too many open files)" in out, out
+    assert "provider B failed" not in out and "deactivated" not in out, out
+    assert "Traceback" not in out, out
