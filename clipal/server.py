@@ -617,7 +617,10 @@ def freeze_startup_objects() -> None:
 
 
 def serve(server: ProxyServer, on_stop=None) -> None:
-    """Serve until SIGTERM or SIGINT, then stop accepting and let in-flight responses finish."""
+    """Serve until SIGTERM or SIGINT, then stop accepting and let in-flight responses finish.
+
+    SIGHUP reloads the configuration, as it does for nginx (and for gunicorn's master).
+    """
     return_large_buffers_to_the_os()
     freeze_startup_objects()
     stopping = Event()
@@ -634,10 +637,35 @@ def serve(server: ProxyServer, on_stop=None) -> None:
         server.drain()
         server.stop(timeout=SHUTDOWN_GRACE)
 
+    def reload() -> None:
+        if not stopping.is_set():
+            reload_configuration(server.application)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, lambda: gevent.spawn(shutdown))
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    if hangup is not None:
+        gevent.signal_handler(hangup, lambda: gevent.spawn(reload))
     # serve_forever wakes as soon as stop() closes the listener and runs its own
     # stop(stop_timeout): that one must grant the same grace, or it kills the
     # in-flight responses after gevent's default of one second.
     server.serve_forever(stop_timeout=SHUTDOWN_GRACE)
     get_logger().info("stopped")
+
+
+def reload_configuration(app: Flask) -> None:
+    """What SIGHUP does: the hot reload a config edit triggers, now."""
+    log = get_logger()
+    log.info("SIGHUP: reloading configuration")
+    watcher = app.extensions.get("clipal.watcher")
+    if watcher is not None:
+        apply = watcher.on_change  # the watcher's own reloader, so both share its retry state
+    else:
+        from .blueprints import RUNTIME
+        from .reload import Reloader
+
+        apply = Reloader(app.extensions[RUNTIME]).reload
+    try:
+        apply()
+    except Exception:  # as the watcher does: a failed reload never stops clipal
+        log.warning("config reload failed", exc_info=True)

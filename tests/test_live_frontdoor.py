@@ -5,14 +5,16 @@ FakeUpstream: a refused request must reach it in no form, nor anything sent afte
 same connection. Refusals are a client's errors: never a 500, never a traceback or an ERROR
 line in the server's output.
 
-The slow-client limits, the connection cap and running out of file descriptors are checked
-with the limits shortened through the environment.
+The slow-client limits, the connection cap, running out of file descriptors and SIGHUP are
+checked with the limits shortened through the environment.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -21,7 +23,7 @@ from typing import Callable, Iterator
 import pytest
 import requests
 
-from conftest import ClipalProcess, provider, write_config
+from conftest import ClipalProcess, provider, write_config, write_yaml
 from fakeupstream import FakeUpstream
 
 BODY = b'{"model":"claude-test","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}'
@@ -438,3 +440,45 @@ def test_running_out_of_file_descriptors_is_clipals_own_problem_and_passes(clipa
     assert "clipal ran out of file descriptors connecting upstream (Too many open files)" in out, out
     assert "provider B failed" not in out and "deactivated" not in out, out
     assert "Traceback" not in out, out
+
+
+# --------------------------------------------------------------------------- SIGHUP (clipal)
+
+
+def _codex_file(name: str, upstream: FakeUpstream, size: int = 0) -> str:
+    """codex.yaml naming one provider, padded with a comment to ``size`` bytes."""
+    text = json.dumps({"providers": [provider(name, upstream)]}) + "\n"  # JSON is YAML
+    return text + "#" * max(size - len(text) - 1, 0) + ("\n" if size else "")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+def test_sighup_reloads_the_configuration_and_clipal_keeps_serving(clipal, upstream_factory, tmp_path):
+    a, b = upstream_factory("A"), upstream_factory("B")
+    config_dir = tmp_path / "config"
+    write_config(config_dir)
+    path = config_dir / "codex.yaml"
+    write_yaml(path, _codex_file("A", a, size=400))
+    # Polling sees a file change by its inode, size and mtime: an edit keeping all three
+    # is one only SIGHUP can apply, so the test sees SIGHUP's reload and not the watcher's.
+    proxy = clipal(config_dir=config_dir, env={"CLIPAL_WATCH_MODE": "poll"})
+
+    def who_answers() -> str:
+        r = requests.post(proxy.url + "/codex/v1/chat/completions", json={"model": "m", "messages": []}, timeout=5)
+        assert r.status_code == 200, r.text
+        return r.headers["X-Clipal-Provider"]
+
+    assert who_answers() == "A"
+    before = path.stat()
+    write_yaml(path, _codex_file("B", b, size=400))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_ino, path.stat().st_size) == (before.st_ino, before.st_size)
+    time.sleep(1.5)  # several polls
+    assert who_answers() == "A", "the watcher applied the edit; the test cannot tell SIGHUP's reload apart"
+
+    proxy.proc.send_signal(signal.SIGHUP)
+    proxy.wait_for_output("configuration reloaded: codex.yaml: providers B (were A)")
+    assert "SIGHUP: reloading configuration" in proxy.output()
+    assert who_answers() == "B"
+    assert proxy.proc.poll() is None
+    assert len(b.requests) == 1 and len(a.requests) == 2
+
