@@ -18,9 +18,11 @@ thinks.
   (RFC 9112 section 5.2), a bare CR, a NUL or another control character, or a
   line that is not ``name: value`` is a 400.
 
-:class:`clipal.server.FrontDoorHandler` (gevent's pywsgi, the ``clipal``
-command) calls these rules on the head as read. A reason returned here is
-short, fixed text: it never repeats a header value, which may carry a key.
+The two servers clipal runs on call these rules: :class:`clipal.server.FrontDoorHandler`
+(gevent's pywsgi, the ``clipal`` command) on the head as read, and
+:mod:`clipal.wsgi` on gunicorn's parsed environ for what gunicorn's own,
+already strict, parser lets through. A reason returned here is short, fixed
+text: it never repeats a header value, which may carry a key.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import json
 import re
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from .clients import CLIENTS
 
@@ -144,6 +146,28 @@ def framing_problem(headers: Iterable[tuple[str, str]], http_version: str) -> Re
         if not (lengths[0].isascii() and lengths[0].isdigit()):
             return Refusal(400, "Content-Length is not a number")
     return None
+
+
+def environ_problem(environ: Mapping[str, object]) -> Refusal | None:
+    """The rules above for a request another server parsed, from its WSGI environ.
+
+    The server has joined repeated fields and kept only what it accepted, so
+    this sees the block's size (estimated from names and values) and its
+    framing headers as joined; what is lost in the joining is the server's
+    own parser's to refuse.
+    """
+    size = 2  # the blank line
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            size += len(key) - 5 + len(value) + 4  # type: ignore[arg-type]
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
+            size += len(key) + len(value) + 4  # type: ignore[arg-type]
+    if size > MAX_HEADER_BLOCK:
+        return too_large(size)
+    framing = [(name, environ[key]) for name, key in (("Content-Length", "CONTENT_LENGTH"),
+                                                      ("Transfer-Encoding", "HTTP_TRANSFER_ENCODING"))
+               if environ.get(key)]
+    return framing_problem(framing, str(environ.get("SERVER_PROTOCOL", "HTTP/1.1")))  # type: ignore[arg-type]
 
 
 def refusal_response(refusal: Refusal, path: str | None) -> bytes:

@@ -11,7 +11,8 @@ import pytest
 
 from clipal.clients import CODEX
 from clipal.config import Provider
-from clipal.frontdoor import Refusal, framing_problem, header_block_problem, refusal_response
+from clipal.frontdoor import (MAX_HEADER_BLOCK, Refusal, environ_problem, framing_problem, header_block_problem,
+                              refusal_response)
 from clipal.outbound import build_upstream_request
 
 
@@ -77,6 +78,20 @@ def test_a_refusal_never_repeats_the_header_value():
                   lines(b"Authorization: " + secret + b"\x00\r\n")):
         problem = header_block_problem(block)
         assert problem is not None and secret.decode() not in problem.reason
+
+
+def test_environ_rules_cover_what_another_parser_joined():
+    base = {"REQUEST_METHOD": "POST", "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_HOST": "x", "CONTENT_TYPE": "a/b"}
+    assert environ_problem(base) is None
+    assert environ_problem({**base, "HTTP_TRANSFER_ENCODING": "chunked"}) is None
+    assert environ_problem({**base, "HTTP_TRANSFER_ENCODING": "gzip,chunked"}) == Refusal(
+        400, "Transfer-Encoding other than chunked")
+    assert environ_problem({**base, "CONTENT_LENGTH": "4_2"}) == Refusal(400, "Content-Length is not a number")
+    just_under = {**base, "HTTP_X_PAD": "p" * (MAX_HEADER_BLOCK - 200)}
+    assert environ_problem(just_under) is None
+    over = {**base, **{f"HTTP_X_PAD_{i}": "p" * 4000 for i in range(17)}}
+    problem = environ_problem(over)
+    assert problem is not None and problem.status == 431
 
 
 def test_the_refusal_is_a_closing_json_error_in_the_clients_shape():

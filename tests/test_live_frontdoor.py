@@ -1,12 +1,13 @@
 """The front door, live: what clipal refuses of a client's request, sent byte for byte on a raw socket.
 
-Each request goes to `clipal` (gevent's pywsgi). Every client's provider points at one
-FakeUpstream: a refused request must reach it in no form, nor anything sent after it on the
-same connection. Refusals are a client's errors: never a 500, never a traceback or an ERROR
-line in the server's output.
+Each request goes to `clipal` itself (gevent's pywsgi) and to clipal under gunicorn with
+deploy/gunicorn.conf.py, through gunicorn's own parser (its "gevent" worker) and through its
+pywsgi worker. Every client's provider points at one FakeUpstream: a refused request must
+reach it in no form, nor anything sent after it on the same connection. Refusals are a
+client's errors: never a 500, never a traceback or an ERROR line in the server's output.
 
-The slow-client limits, the connection cap, running out of file descriptors and SIGHUP are
-checked with the limits shortened through the environment.
+The slow-client limits, the connection cap, running out of file descriptors and SIGHUP
+are checked on `clipal` alone, with the limits shortened through the environment.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ BODY = b'{"model":"claude-test","max_tokens":8,"messages":[{"role":"user","conte
 #: A request hidden after a body: if it ever runs, it reaches the upstream with the Gemini key.
 SMUGGLED = b"GET /gemini/v1beta/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 GEMINI_KEY = "sk-test-gemini-only-0123456789abcdef"
-SERVERS = ["clipal"]
+SERVERS = ["clipal", "gunicorn", "gunicorn-pywsgi"]
+PYWSGI_WORKER = "gunicorn.workers.ggevent.GeventPyWSGIWorker"
 
 
 # --------------------------------------------------------------------------- raw HTTP
@@ -165,8 +167,16 @@ def servers(tmp_path_factory, upstream) -> Iterator[Callable[[str], Front]]:
 
     def get(kind: str) -> Front:
         if kind not in running:
-            proc = ClipalProcess(config_dir).wait_healthy()
-            running[kind] = (Front(kind, proc.port, proc.output, upstream), proc.stop)
+            if kind == "clipal":
+                proc = ClipalProcess(config_dir).wait_healthy()
+                running[kind] = (Front(kind, proc.port, proc.output, upstream), proc.stop)
+            else:
+                pytest.importorskip("gunicorn")
+                from test_gunicorn_live import Gunicorn
+
+                server = Gunicorn(config_dir, tmp_path_factory.mktemp(kind),
+                                  PYWSGI_WORKER if kind == "gunicorn-pywsgi" else None).start()
+                running[kind] = (Front(kind, server.port, server.output, upstream), server.stop)
         return running[kind][0]
 
     yield get
