@@ -81,7 +81,7 @@ proc_name = "clipal"
 control_socket_disable = True
 
 
-def post_worker_init(worker):
+def post_worker_init(worker: object) -> None:
     """gunicorn's pywsgi worker (``-k gunicorn.workers.ggevent.GeventPyWSGIWorker``) parses requests
     with gevent's pywsgi; this gives it clipal's request framing rules. Other workers are untouched."""
     from clipal.wsgi import use_front_door_handler

@@ -24,6 +24,11 @@ from typing import Callable, Iterator
 import pytest
 import requests
 
+try:
+    import resource
+except ImportError:  # not Unix
+    resource = None  # type: ignore[assignment]
+
 from conftest import ClipalProcess, provider, write_config, write_yaml
 from fakeupstream import FakeUpstream
 
@@ -421,12 +426,11 @@ def test_connections_beyond_the_cap_wait_in_the_backlog_until_one_closes(clipal,
 # --------------------------------------------------------------------------- file descriptors (clipal)
 
 
-@pytest.mark.skipif(not hasattr(__import__("resource"), "prlimit"), reason="needs prlimit (Linux)")
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs prlimit (Linux)")
 def test_running_out_of_file_descriptors_is_clipals_own_problem_and_passes(clipal, upstream_factory):
-    import resource
-
     a, b = upstream_factory("A"), upstream_factory("B")
     proxy = clipal(codex=[provider("A", a)], claudecode=[provider("B", b)])
+    # `ulimit -n 64` for the running clipal (the fixture starts it with no preexec_fn to set it)
     resource.prlimit(proxy.proc.pid, resource.RLIMIT_NOFILE, (64, 64))
     kept = socket.create_connection(("127.0.0.1", proxy.port))  # accepted while there are fds to spare
     kept.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
