@@ -31,7 +31,8 @@ from .config import format_duration
 from .completion import looks_like_sse
 from .decode import Decoder, decoded
 from .outbound import UpstreamRequest, end_to_end
-from .transport import describe_error, prepare, proxies_for, refused_head
+from .frontdoor import NO_FILE_DESCRIPTORS, OutOfFileDescriptors
+from .transport import causes, describe_error, prepare, proxies_for, refused_head
 
 #: Largest read handed to the client at once; smaller reads return as soon as bytes arrive.
 READ_SIZE = 64 * 1024
@@ -164,6 +165,8 @@ def send(session: requests.Session, request: UpstreamRequest, body: bytes, idle_
     except requests.exceptions.ConnectTimeout:
         raise NetworkFailure("connect timeout") from None
     except requests.exceptions.ConnectionError as exc:
+        if any(getattr(error, "errno", None) in NO_FILE_DESCRIPTORS for error in causes(exc)):
+            raise OutOfFileDescriptors(describe_error(exc)) from None  # clipal's shortage, not the provider's
         raise NetworkFailure(refused_head(exc) or f"connection failed: {describe_error(exc)}") from None
     except requests.exceptions.RequestException as exc:
         raise NetworkFailure(f"request failed: {describe_error(exc)}") from None

@@ -26,6 +26,9 @@ CREDENTIAL_QUERY_PARAMS = ("key", "api_key")
 
 #: Headers clipal sets itself on the upstream request.
 _REPLACED = frozenset({"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+#: Expectations clipal's server has met itself: by the time a request is forwarded its whole
+#: body has been read, so an upstream asked to confirm it wants the body would only add a wait.
+_ANSWERED = frozenset({"expect"})
 
 Headers = list[tuple[str, str]]
 
@@ -208,7 +211,7 @@ def build_upstream_request(
     original_host = ""
     forwarded_for = ""
     client_carrier: str | None = None
-    drop = hop_by_hop_names(headers) | _REPLACED
+    drop = hop_by_hop_names(headers) | _REPLACED | _ANSWERED
     kept: Headers = []
     for name, value in headers:
         lower = name.lower()

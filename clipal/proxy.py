@@ -26,6 +26,7 @@ from .classify import RETURN, Kind, classify_answer, provider_failure
 from .clients import ClientKind
 from .completion import CompletionCheck
 from .config import format_duration
+from .frontdoor import OutOfFileDescriptors
 from .logs import get_logger
 from .outbound import build_upstream_request, client_credentials
 from .redact import add_secret
@@ -245,6 +246,10 @@ def _attempts(client: ClientKind, environ: dict, snapshot: Snapshot, session: re
                 walk.failed(attempt, provider_failure(failure.reason, failure.kind))
                 _log_events(log, walk)
                 continue
+            except OutOfFileDescriptors as error:  # no provider is to blame, and none other would do better
+                log.error("clipal ran out of file descriptors connecting upstream (%s); answered 503, "
+                          "no provider blamed", error)
+                return error_response(client, 503, "clipal ran out of file descriptors", retry_after=1)
             # Manual mode returns every upstream answer as it is.
             verdict = RETURN if routing.manual else classify_answer(
                 ready.status, ready.upstream_headers, ready.first, ready.event, now=time.time())

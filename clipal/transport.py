@@ -276,7 +276,7 @@ def _as_mapping(headers: list[tuple[str, str]]) -> dict[str, str]:
     return merged
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
+def causes(exc: BaseException) -> list[BaseException]:
     """``exc`` and what caused it, outermost first.
 
     requests wraps urllib3's errors in ``args[0]``, urllib3 keeps the cause
@@ -299,7 +299,7 @@ def refused_head(exc: BaseException) -> str | None:
     urllib3 and requests wrap it as a ConnectionError; its message names the
     rule broken, never a header value.
     """
-    for error in _causes(exc):
+    for error in causes(exc):
         if isinstance(error, headerparse.MalformedHeaderBlock):
             return str(error)
     return None
@@ -312,7 +312,7 @@ def describe_error(exc: BaseException) -> str:
     known)", "timed out". urllib3's own messages repeat the URL (query
     included) and object reprs; the innermost cause says what happened.
     """
-    chain = _causes(exc)
+    chain = causes(exc)
     for error in reversed(chain):
         if isinstance(error, urllib3.exceptions.NameResolutionError) or type(error).__name__ == "gaierror":
             detail = getattr(error.__cause__, "strerror", None) or getattr(error, "strerror", None)

@@ -31,9 +31,10 @@ bind = [os.environ.get("CLIPAL_BIND", "127.0.0.1:3333")]
 
 workers = int(os.environ.get("CLIPAL_WORKERS", "2"))
 
-# Concurrent connections per worker. An agent session holds a few at a time; the
-# upstream requests are made from the same greenlets.
-worker_connections = 1000
+# Client connections open at once, 2000 in all as with `clipal` itself, shared out among the
+# workers; more wait in the listening socket's backlog. An agent session holds a few at a
+# time; the upstream requests are made from the same greenlets.
+worker_connections = max(1, 2000 // workers)
 
 # Import the app in each worker after the fork, not once in the master: gevent must
 # patch sockets before clipal imports requests/ssl, and the config-watcher greenlet and
@@ -50,13 +51,17 @@ timeout = 60
 # long before the workers are killed (as clipal does when run on its own).
 graceful_timeout = 5
 
-# Seconds an idle client connection is kept open for its next request. Agents reuse
-# connections; closing sooner than the client expects races with its next request.
+# Seconds an idle client connection is kept open for its next request (nginx's default, as
+# with `clipal`). Agents reuse connections; closing sooner than the client expects races with
+# its next request. The gevent worker bounds the wait for a request's line and headers with
+# the same timer, so a client sending them slowly is cut off after 75 s too (not 30 s as
+# with `clipal`); a body read gets 60 s (clipal.wsgi).
 keepalive = 75
 
 # No request-size limit here: the body limit is clipal's max_request_body_bytes
 # (32 MiB by default, answered with 413). gunicorn's limits cover only the request line
-# and headers; these are its defaults, which agents' requests are far below.
+# and headers; these are its defaults, which agents' requests are far below. They let a
+# header block grow to about 800 KiB; clipal.wsgi answers one over 64 KiB with 431.
 limit_request_line = 8190
 limit_request_fields = 100
 limit_request_field_size = 8190
@@ -74,3 +79,11 @@ proc_name = "clipal"
 # gunicorn that user runs; clipal needs no runtime control, so don't claim it.
 # (Older gunicorn ignores the unknown name.)
 control_socket_disable = True
+
+
+def post_worker_init(worker: object) -> None:
+    """gunicorn's pywsgi worker (``-k gunicorn.workers.ggevent.GeventPyWSGIWorker``) parses requests
+    with gevent's pywsgi; this gives it clipal's request framing rules. Other workers are untouched."""
+    from clipal.wsgi import use_front_door_handler
+
+    use_front_door_handler(worker)
