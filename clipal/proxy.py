@@ -26,6 +26,7 @@ from .clients import ClientKind
 from .completion import CompletionCheck
 from .config import format_duration
 from .logs import get_logger
+from .metrics import METER, NO_METER, NullMeter
 from .outbound import build_upstream_request, client_credentials
 from .redact import add_secret
 from .routing import Attempt, Walk
@@ -176,6 +177,7 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
     _log_events(log, walk)
 
     watch = ClientWatch(client_socket(environ))
+    meter: NullMeter = environ.get(METER, NO_METER)
     try:
         for attempt in walk:
             provider = attempt.provider
@@ -186,16 +188,19 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
             )
             log.debug("attempt via %s%s: %s %s", provider.name, f" ({attempt.key_label})" if attempt.key_label else "",
                       method, request.url.split("?", 1)[0])
+            meter.sending()
             try:
                 with watch.guard():
                     ready = forward.send(session, request, body, settings.upstream_idle_timeout)
             except forward.NetworkFailure as failure:
+                verdict = provider_failure(failure.reason, failure.kind)
+                walk.failed(attempt, verdict)  # counted in manual mode too: the request was sent
+                meter.failed(provider.name, verdict, tried_next=not routing.manual)
                 if routing.manual:  # no failover: clipal answers for the unreachable pinned provider
                     log.warning("pinned provider %s failed: %s; answering 502 (manual mode)", provider.name,
                                 failure.reason)
                     return error_response(client, 502, f"clipal: pinned provider {provider.name} failed: "
                                                         f"{failure.reason}", provider=provider.name)
-                walk.failed(attempt, provider_failure(failure.reason, failure.kind))
                 _log_events(log, walk)
                 continue
             # Manual mode returns every upstream answer as it is.
@@ -204,11 +209,14 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
             if verdict.failover:
                 ready.close()
                 walk.failed(attempt, verdict)
+                meter.failed(provider.name, verdict)
                 _log_events(log, walk)
                 continue
             walk.committed(attempt)
+            meter.committed(provider.name)
             relay = _Relay(client, attempt, ready, watch, settings.upstream_idle_timeout, walk)
             relay.token_name = environ.get(TOKEN_NAME)
+            relay.meter = meter
             watch = None  # the relay owns it now
             return relay.response()
     except ClientGone:
@@ -252,6 +260,9 @@ class _Relay:
     failure, so the agent's retry goes to the next provider.
     """
 
+    #: measures the request (clipal.metrics); the app sets it, or nothing is counted
+    meter: NullMeter = NO_METER
+
     def __init__(self, client: ClientKind, attempt: Attempt, ready: forward.Ready,
                  watch: ClientWatch, idle_timeout: float, walk: Walk) -> None:
         self.client = client
@@ -273,6 +284,7 @@ class _Relay:
         if self._reported:
             return ""
         self._reported = True
+        self.meter.finished(self.provider.name, self.ready.status, success)
         walk = self.walk
         walk.finished(self.attempt, success=success, reason=reason, kind=kind)
         _log_events(get_logger(self.client.name), walk)
@@ -295,6 +307,7 @@ class _Relay:
     def __iter__(self) -> Iterator[bytes]:
         log = get_logger(self.client.name)
         ready, started, sent, check = self.ready, time.monotonic(), 0, self.check
+        self.meter.streaming()
         try:
             if ready.first:
                 sent += len(ready.first)
