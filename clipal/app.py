@@ -1,4 +1,4 @@
-"""The Flask application: one Blueprint per client, /health, /metrics, and the shared runtime.
+"""The Flask application: one Blueprint per client, /health, /status, /metrics, and the shared runtime.
 
 ``create_app(config_dir)`` is the app factory every entry point uses (the
 ``clipal`` command, ``python -m clipal`` and gunicorn via :mod:`clipal.wsgi`).
@@ -8,7 +8,6 @@ The process must already be monkey-patched by gevent when it is called.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -24,16 +23,14 @@ from .logs import get_logger
 from .metrics import CONTENT_TYPE, METER, Metrics
 from .routing import ProviderView
 from .runtime import Runtime, apply_logging, warn_about_permissions
+from .status import default_config_dir, status_document
+
+__all__ = ["METRICS", "ClipalFlask", "create_app", "default_config_dir", "warn_if_open_to_the_network"]
 
 #: Where the app keeps its :class:`clipal.metrics.Metrics` (``app.extensions[METRICS]``).
 METRICS = "clipal.metrics"
 #: The Blueprint names of the clients, whose requests are measured.
 _CLIENT_NAMES = frozenset(client.name for client in CLIENTS)
-
-
-def default_config_dir() -> Path:
-    """``$CLIPAL_CONFIG_DIR``, else ``~/.clipal``."""
-    return Path(os.environ.get("CLIPAL_CONFIG_DIR") or "~/.clipal").expanduser()
 
 
 class ClipalFlask(Flask):
@@ -89,6 +86,7 @@ def create_app(config_dir: Path | str | None = None, *, config: Config | None = 
     app.extensions[RUNTIME] = runtime
     for client in CLIENTS:
         app.register_blueprint(client_blueprint(client))
+    started = time.monotonic()
 
     def routing_views() -> Iterator[tuple[str, list[ProviderView]]]:
         routing = runtime.snapshot.routing
@@ -114,7 +112,7 @@ def create_app(config_dir: Path | str | None = None, *, config: Config | None = 
         return response
 
     def refusal() -> Response | None:
-        # /metrics tells who the providers are and how they fare: the agents' access rule applies.
+        # /status and /metrics tell who the providers are and how they fare: the agents' access rule applies.
         decision = checked_access(request.environ, runtime.snapshot.access, log)
         if isinstance(decision, Refused):
             body = json.dumps({"error": {"message": decision.message, "type": "access_denied"}})
@@ -124,6 +122,15 @@ def create_app(config_dir: Path | str | None = None, *, config: Config | None = 
     @app.get("/health")
     def health() -> Response:
         return Response('{"status": "healthy"}', mimetype="application/json")
+
+    @app.get("/status")
+    def status() -> Response:
+        refused = refusal()
+        if refused is not None:
+            return refused
+        document = status_document(runtime, time.monotonic() - started)
+        return Response(json.dumps(document, indent=2) + "\n", mimetype="application/json",
+                        headers={"Cache-Control": "no-store"})
 
     @app.get("/metrics")
     def metrics_text() -> Response:

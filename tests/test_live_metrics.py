@@ -156,6 +156,7 @@ def test_metrics_false_answers_404_and_counts_nothing(clipal, upstream_factory):
     response = requests.get(proxy.url + "/metrics", timeout=5)
     assert response.status_code == 404
     assert response.json()["error"]["message"] == "clipal: no route for /metrics; use /claudecode, /codex or /gemini"
+    assert requests.get(proxy.url + "/status", timeout=5).status_code == 200  # /status stays
 
 
 def test_one_scrape_adds_up_both_gunicorn_workers(tmp_path, upstream_factory, gunicorn_clipal, monkeypatch):
