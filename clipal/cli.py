@@ -1,8 +1,8 @@
 """The ``clipal`` command, the entry point of both ``clipal`` and ``python -m clipal``.
 
-``clipal status`` only reads files and asks a running clipal: it is
-dispatched first, before gevent, Flask or requests are imported, so it
-answers at once. Everything else
+``clipal status`` and ``clipal service`` only read files and ask a running
+clipal or the service manager: they are dispatched first, before gevent,
+Flask or requests are imported, so they answer at once. Everything else
 needs gevent to patch the standard library before anything imports
 sockets, ssl, threading or requests (logging, imported by clipal.config,
 makes a lock at import), so :func:`main` patches before importing any of
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 _EPILOG = """subcommands:
   clipal status [--config-dir DIR] [--json] [--timeout SECONDS]
       the running clipal's providers: state, current provider, keys
+  clipal service install|uninstall|start|stop|status [--config-dir DIR] [--dry-run]
+      run clipal at login as a per-user service (systemd, launchd)
   clipal update [--check] [--dry-run] [--index-url URL]
       update clipal"""
 
@@ -65,11 +67,15 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # The subcommand that never serves, before gevent (see the module docstring).
+    # The two subcommands that never serve, before gevent (see the module docstring).
     if argv[:1] == ["status"]:
         from .status import main as status_main
 
         return status_main(argv[1:])
+    if argv[:1] == ["service"]:
+        from .service import main as service_main
+
+        return service_main(argv[1:])
 
     from gevent import monkey
 
