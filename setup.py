@@ -28,6 +28,7 @@ setup(
         "packaging>=23",
         "brotli>=1.2",
         "zstandard>=0.22",
+        "prometheus_client>=0.20",  # /metrics (clipal.metrics): text format, multiprocess mode for gunicorn
         "inotify-simple>=1.3; sys_platform == 'linux'",
     ],
     extras_require={

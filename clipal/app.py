@@ -1,4 +1,4 @@
-"""The Flask application: one Blueprint per client, /health, and the shared runtime.
+"""The Flask application: one Blueprint per client, /health, /status, /metrics, and the shared runtime.
 
 ``create_app(config_dir)`` is the app factory every entry point uses (the
 ``clipal`` command, ``python -m clipal`` and gunicorn via :mod:`clipal.wsgi`).
@@ -7,24 +7,30 @@ The process must already be monkey-patched by gevent when it is called.
 
 from __future__ import annotations
 
-import os
+import json
+import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
-from flask import Flask, Response, request
+from flask import Flask, Response, abort, request
 
 from . import proxy
-from .blueprints import RUNTIME, client_blueprint
+from .access import Refused, is_loopback_address
+from .blueprints import RUNTIME, checked_access, client_blueprint
 from .clients import CLIENTS
-from .access import is_loopback_address
 from .config import CONFIG_FILE, Config, load_config
 from .logs import get_logger
+from .metrics import CONTENT_TYPE, METER, Metrics
+from .routing import ProviderView
 from .runtime import Runtime, apply_logging, warn_about_permissions
+from .status import default_config_dir, status_document
 
+__all__ = ["METRICS", "ClipalFlask", "create_app", "default_config_dir", "warn_if_open_to_the_network"]
 
-def default_config_dir() -> Path:
-    """``$CLIPAL_CONFIG_DIR``, else ``~/.clipal``."""
-    return Path(os.environ.get("CLIPAL_CONFIG_DIR") or "~/.clipal").expanduser()
+#: Where the app keeps its :class:`clipal.metrics.Metrics` (``app.extensions[METRICS]``).
+METRICS = "clipal.metrics"
+#: The Blueprint names of the clients, whose requests are measured.
+_CLIENT_NAMES = frozenset(client.name for client in CLIENTS)
 
 
 class ClipalFlask(Flask):
@@ -80,6 +86,38 @@ def create_app(config_dir: Path | str | None = None, *, config: Config | None = 
     app.extensions[RUNTIME] = runtime
     for client in CLIENTS:
         app.register_blueprint(client_blueprint(client))
+    started = time.monotonic()
+
+    def routing_views() -> Iterator[tuple[str, list[ProviderView]]]:
+        routing = runtime.snapshot.routing
+        for client in CLIENTS:
+            if client.name in routing.clients:
+                yield client.name, routing.clients[client.name].views()
+
+    metrics = app.extensions[METRICS] = Metrics(routing_views)
+
+    @app.before_request
+    def start_meter() -> None:
+        # Before the client Blueprint's own hooks, so a refused request is counted and timed too.
+        if request.blueprint in _CLIENT_NAMES:
+            settings = runtime.snapshot.config.settings
+            if settings.metrics:
+                request.environ[METER] = metrics.meter(request.blueprint, settings.reactivate_after)
+
+    @app.after_request
+    def count_answer(response: Response) -> Response:
+        meter = request.environ.get(METER)
+        if meter is not None:  # a relayed answer is counted by the proxy when it ends
+            meter.answered(response.status_code, response.headers.get("X-Clipal-Provider", ""))
+        return response
+
+    def refusal() -> Response | None:
+        # /status and /metrics tell who the providers are and how they fare: the agents' access rule applies.
+        decision = checked_access(request.environ, runtime.snapshot.access, log)
+        if isinstance(decision, Refused):
+            body = json.dumps({"error": {"message": decision.message, "type": "access_denied"}})
+            return Response(body, status=decision.status, mimetype="application/json")
+        return None
 
     by_name = {client.name: client for client in CLIENTS}
 
@@ -92,6 +130,24 @@ def create_app(config_dir: Path | str | None = None, *, config: Config | None = 
     @app.get("/health")
     def health() -> Response:
         return Response('{"status": "healthy"}', mimetype="application/json")
+
+    @app.get("/status")
+    def status() -> Response:
+        refused = refusal()
+        if refused is not None:
+            return refused
+        document = status_document(runtime, time.monotonic() - started)
+        return Response(json.dumps(document, indent=2) + "\n", mimetype="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+    @app.get("/metrics")
+    def metrics_text() -> Response:
+        if not runtime.snapshot.config.settings.metrics:
+            abort(404)  # as if there were no such route: metrics: false
+        refused = refusal()
+        if refused is not None:
+            return refused
+        return Response(metrics.exposition(), content_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
 
     @app.errorhandler(404)
     def not_found(_error: Exception) -> Response:

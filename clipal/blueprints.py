@@ -10,6 +10,7 @@ surfaces clipal's errors as ordinary API errors.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from flask import Blueprint, Response, current_app, request
@@ -60,6 +61,24 @@ def access_decision(environ: dict, policy: access.AccessPolicy) -> access.Allowe
                         origin=environ.get("HTTP_ORIGIN"), credentials=credentials)
 
 
+def checked_access(environ: dict, policy: access.AccessPolicy,
+                   log: logging.LoggerAdapter) -> access.Allowed | access.Refused:
+    """:func:`access_decision`, with a refusal logged (at most once a minute per peer).
+
+    Every route that can spend the owner's keys or tell what they are for - the
+    client prefixes, /status, /metrics - asks this before anything else, in
+    the request's context (the log line names its path, without the query).
+    """
+    decision = access_decision(environ, policy)
+    if isinstance(decision, access.Refused):
+        peer = environ.get("REMOTE_ADDR", "") or "a local socket"
+        if _refusals.should_log(peer, time.monotonic()):
+            log.warning("refused %s %s from %s with %d: %s (further refusals of this peer are not logged "
+                        "for a minute)", environ.get("REQUEST_METHOD"), request.path, peer, decision.status,
+                        decision.reason)
+    return decision
+
+
 def current_runtime() -> Runtime:
     return current_app.extensions[RUNTIME]
 
@@ -74,15 +93,10 @@ def client_blueprint(client: ClientKind) -> Blueprint:
         # Before the body is read and before any provider is contacted: a
         # refused request costs the owner nothing, and comes before a 413.
         environ = request.environ
-        decision = access_decision(environ, current_runtime().snapshot.access)
+        decision = checked_access(environ, current_runtime().snapshot.access, log)
         if isinstance(decision, access.Allowed):
             environ[proxy.TOKEN_NAME] = decision.token_name
             return None
-        peer = environ.get("REMOTE_ADDR", "") or "a local socket"
-        if _refusals.should_log(peer, time.monotonic()):
-            log.warning("refused %s %s from %s with %d: %s (further refusals of this peer are not logged "
-                        "for a minute)", environ.get("REQUEST_METHOD"), request.path, peer, decision.status,
-                        decision.reason)
         return proxy.error_response(client, decision.status, decision.message)
 
     @blueprint.before_request

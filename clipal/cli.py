@@ -1,36 +1,51 @@
-"""The ``clipal`` command.
+"""The ``clipal`` command, the entry point of both ``clipal`` and ``python -m clipal``.
 
-gevent must patch the standard library before anything imports sockets,
-ssl or requests, so the patch comes first in this module, which is the
-entry point of both ``clipal`` and ``python -m clipal``.
+``clipal status`` and ``clipal service`` only read files and ask a running
+clipal or the service manager: they are dispatched first, before gevent,
+Flask or requests are imported, so they answer at once. Everything else
+needs gevent to patch the standard library before anything imports
+sockets, ssl, threading or requests (logging, imported by clipal.config,
+makes a lock at import), so :func:`main` patches before importing any of
+the rest; this module imports nothing but the standard library at the top.
 """
 
-from gevent import monkey
+from __future__ import annotations
 
-monkey.patch_all()
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import argparse  # noqa: E402  (imports after patching, on purpose)
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from . import __version__
 
-from . import __version__  # noqa: E402
-from .config import SETTINGS, ConfigError, Flag, Setting, parse_settings  # noqa: E402
+if TYPE_CHECKING:
+    from .config import Flag, Setting
 
-#: Each setting that has a command-line flag, with its flag, in the order --help lists them.
-FLAGS: tuple[tuple[Setting[Any], Flag], ...] = tuple(
-    (setting, setting.flag) for setting in SETTINGS if setting.flag is not None)
+_EPILOG = """subcommands:
+  clipal status [--config-dir DIR] [--json] [--timeout SECONDS]
+      the running clipal's providers: state, current provider, keys
+  clipal service install|uninstall|start|stop|status [--config-dir DIR] [--dry-run]
+      run clipal at login as a per-user service (systemd, launchd)
+  clipal update [--check] [--dry-run] [--index-url URL]
+      update clipal"""
+
+
+def _flags() -> tuple[tuple[Setting[Any], Flag], ...]:
+    """Each setting that has a command-line flag, with its flag (Setting, Flag), in the order --help lists them."""
+    from .config import SETTINGS
+
+    return tuple((setting, setting.flag) for setting in SETTINGS if setting.flag is not None)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipal",
         description="A local failover proxy for Claude Code, Codex CLI and Gemini CLI.",
-        epilog="Subcommand: 'clipal update [--check] [--dry-run] [--index-url URL]' updates clipal.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config-dir", metavar="DIR",
                         help="configuration directory (default: $CLIPAL_CONFIG_DIR or ~/.clipal)")
-    for setting, flag in FLAGS:
+    for setting, flag in _flags():
         parser.add_argument(flag.option, dest=setting.name, metavar=flag.metavar,
                             help=f"{setting.help} (default {setting.default})")
     parser.add_argument("--version", action="version", version=f"clipal {__version__}")
@@ -39,8 +54,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Command-line settings, validated by the same rules as config.yaml."""
+    from .config import parse_settings
+
     raw: dict[str, object] = {}
-    for setting, flag in FLAGS:
+    for setting, flag in _flags():
         text = getattr(args, setting.name)
         if text is not None:
             raw[setting.name] = flag.parse(text)
@@ -50,6 +67,21 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The two subcommands that never serve, before gevent (see the module docstring).
+    if argv[:1] == ["status"]:
+        from .status import main as status_main
+
+        return status_main(argv[1:])
+    if argv[:1] == ["service"]:
+        from .service import main as service_main
+
+        return service_main(argv[1:])
+
+    from gevent import monkey
+
+    monkey.patch_all()
+    from .config import ConfigError
+
     if argv[:1] == ["update"]:
         from .update import main as update_main
 

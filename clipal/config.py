@@ -443,6 +443,8 @@ SETTINGS: tuple[Setting[Any], ...] = (
             help="browser origins (Origin header) served; requests from any other web page get 403"),
     Setting("allowed_hosts", _names, default=(),
             help="Host names served besides loopback and localhost when no access_tokens are set"),
+    Setting("metrics", _boolean, default=True,
+            help="count requests and serve them at /metrics in Prometheus' format (false = 404, nothing counted)"),
 )
 
 

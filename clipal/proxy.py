@@ -28,6 +28,7 @@ from .completion import CompletionCheck
 from .config import format_duration
 from .frontdoor import OutOfFileDescriptors
 from .logs import get_logger
+from .metrics import METER, NO_METER, NullMeter
 from .outbound import build_upstream_request, client_credentials
 from .redact import add_secret
 from .routing import Attempt, Walk
@@ -224,6 +225,7 @@ def _attempts(client: ClientKind, environ: dict, snapshot: Snapshot, session: re
         _log_events(log, walk)
 
         watch = ClientWatch(client_socket(environ))
+        meter: NullMeter = environ.get(METER, NO_METER)
         for attempt in walk:
             provider = attempt.provider
             request = build_upstream_request(
@@ -233,17 +235,20 @@ def _attempts(client: ClientKind, environ: dict, snapshot: Snapshot, session: re
             )
             log.debug("attempt via %s%s: %s %s", provider.name, f" ({attempt.key_label})" if attempt.key_label else "",
                       method, request.url.split("?", 1)[0])
+            meter.sending()
             try:
                 with watch.guard():
                     # bytes, or a fresh reader from the file's start: each attempt sends it all
                     ready = forward.send(session, request, body.payload(), settings.upstream_idle_timeout)
             except forward.NetworkFailure as failure:
+                verdict = provider_failure(failure.reason, failure.kind)
+                walk.failed(attempt, verdict)  # counted in manual mode too: the request was sent
+                meter.failed(provider.name, verdict, tried_next=not routing.manual)
                 if routing.manual:  # no failover: clipal answers for the unreachable pinned provider
                     log.warning("pinned provider %s failed: %s; answering 502 (manual mode)", provider.name,
                                 failure.reason)
                     return error_response(client, 502, f"clipal: pinned provider {provider.name} failed: "
                                                         f"{failure.reason}", provider=provider.name)
-                walk.failed(attempt, provider_failure(failure.reason, failure.kind))
                 _log_events(log, walk)
                 continue
             except OutOfFileDescriptors as error:  # no provider is to blame, and none other would do better
@@ -256,11 +261,14 @@ def _attempts(client: ClientKind, environ: dict, snapshot: Snapshot, session: re
             if verdict.failover:
                 ready.close()
                 walk.failed(attempt, verdict)
+                meter.failed(provider.name, verdict)
                 _log_events(log, walk)
                 continue
             walk.committed(attempt)
+            meter.committed(provider.name)
             relay = _Relay(client, attempt, ready, watch, settings.upstream_idle_timeout, walk, body)
             relay.token_name = environ.get(TOKEN_NAME)
+            relay.meter = meter
             watch = held = None  # the relay owns them now
             return relay.response()
     except ClientGone:
@@ -307,6 +315,9 @@ class _Relay:
     failure, so the agent's retry goes to the next provider.
     """
 
+    #: measures the request (clipal.metrics); the app sets it, or nothing is counted
+    meter: NullMeter = NO_METER
+
     def __init__(self, client: ClientKind, attempt: Attempt, ready: forward.Ready,
                  watch: ClientWatch, idle_timeout: float, walk: Walk, body: Body) -> None:
         self.client = client
@@ -329,6 +340,7 @@ class _Relay:
         if self._reported:
             return ""
         self._reported = True
+        self.meter.finished(self.provider.name, self.ready.status, success)
         walk = self.walk
         walk.finished(self.attempt, success=success, reason=reason, kind=kind)
         _log_events(get_logger(self.client.name), walk)
@@ -351,6 +363,7 @@ class _Relay:
     def __iter__(self) -> Iterator[bytes]:
         log = get_logger(self.client.name)
         ready, started, sent, check = self.ready, time.monotonic(), 0, self.check
+        self.meter.streaming()
         try:
             if ready.first:
                 sent += len(ready.first)

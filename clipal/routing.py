@@ -185,6 +185,17 @@ class Routing:
                 if current is not None and client.providers.index(fresh[0]) < client.providers.index(current):
                     client.set_current(cursor, fresh[0], lane)
 
+    def carry_counters(self, previous: Routing | None) -> None:
+        """After a reload: each provider's attempt counters go on from where they were (by name).
+
+        They count this process's attempts since start, not since the last edit.
+        """
+        for client in self.clients.values():
+            before = previous.clients.get(client.name) if previous is not None else None
+            for name, counters in (before.counters.items() if before is not None else ()):
+                if name in client.counters:
+                    client.counters[name] = counters
+
     def forget_others(self) -> None:
         """Drop the records of providers this configuration no longer has (their state is stale)."""
         prefixes = [f"{c.name}:{p.identity}" for c in self.clients.values() for p in c.providers]

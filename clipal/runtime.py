@@ -68,6 +68,7 @@ class Runtime:
         self.snapshot = snapshot
         snapshot.routing.forget_others()
         snapshot.routing.revalidate(previous.routing)
+        snapshot.routing.carry_counters(previous.routing)
         apply_logging(snapshot.config)
         return snapshot
 

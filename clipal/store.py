@@ -37,6 +37,10 @@ class Store(Protocol):
         """Forget every record whose key starts with none of ``prefixes`` (providers gone on reload)."""
         ...
 
+    def describe(self) -> dict[str, Any]:
+        """What /status says of the store: ``{"backend": name}``, plus whatever tells its health."""
+        ...
+
 
 class MemoryStore:
     """Records in a dict of this process; expired ones are dropped when read."""
@@ -71,6 +75,9 @@ class MemoryStore:
         keep = tuple(prefixes)
         for key in [k for k in self._records if not k.startswith(keep)]:
             del self._records[key]
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "memory"}  # always there: nothing to be connected to
 
     def __len__(self) -> int:
         return len(self._records)

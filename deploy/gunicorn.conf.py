@@ -6,6 +6,8 @@ Environment (all optional):
     CLIPAL_CONFIG_DIR  config directory read by clipal.wsgi (default ~/.clipal)
     CLIPAL_BIND        address to listen on (default 127.0.0.1:3333); gunicorn's --bind wins
     CLIPAL_WORKERS     number of worker processes (default 2)
+    PROMETHEUS_MULTIPROC_DIR  an empty directory: /metrics then sums every worker's counters
+                       (without it, a scrape sees only the worker that answers it)
 
 Each worker is a separate process with its OWN failover state and its OWN config
 watcher. Failover is therefore learned per worker: a provider that worker 1 has
@@ -87,3 +89,15 @@ def post_worker_init(worker: object) -> None:
     from clipal.wsgi import use_front_door_handler
 
     use_front_door_handler(worker)
+
+
+def child_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
+    """A worker is gone: with PROMETHEUS_MULTIPROC_DIR, its live gauge files go too.
+
+    clipal_active_streams adds up the live workers' files; a dead worker's file
+    would keep its streams counted forever. Its counters stay in the sums.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -445,3 +445,14 @@ def test_a_provider_fixed_by_a_reload_ahead_of_the_current_one_is_tried_at_once(
     world.reload(fixed, b, c, p("D"))  # a provider added behind the current one changes nothing
     world.routing.revalidate(previous)
     assert world.client.current().name == "A"
+
+
+def test_attempt_counters_go_on_across_a_reload():
+    world = World(p("A"), p("B"))
+    world.request({"A": verdict(SERVER)})
+    previous = world.routing
+    world.reload(p("A"), p("B"), p("C"))
+    world.routing.carry_counters(previous)
+    counters = world.client.counters
+    assert (counters["A"].requests, counters["A"].failures, counters["B"].requests, counters["C"].requests) \
+        == (1, 1, 1, 0)

@@ -89,7 +89,7 @@ OTHER_VALUES = {
     "upstream_idle_timeout": "45s", "max_request_body_bytes": 1000, "log_dir": "/tmp/clipal-elsewhere",
     "log_retention_days": 30, "log_stdout": False, "ignore_count_tokens_failover": True,
     "access_tokens": ["a-reloaded-token-0123456789"], "allowed_origins": ["https://app.example"],
-    "allowed_hosts": ["clipal.lan"],
+    "allowed_hosts": ["clipal.lan"], "metrics": False,
 }
 
 
