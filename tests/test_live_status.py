@@ -259,6 +259,16 @@ def test_clipal_status_prints_the_table_and_json_equals_status(tmp_path, upstrea
     printed = json.loads(as_json.stdout)
     served = get_status(proxy, headers={"Authorization": f"Bearer {TOKEN}"}).json()
     assert abs(printed.pop("uptime_s") - served.pop("uptime_s")) < 5
+
+    def countdowns(document: dict) -> list[float | None]:
+        # retry_in_s counts down between the two reads: taken out, compared within a few seconds.
+        found = []
+        for client in document["clients"].values():
+            for entry in client["providers"]:
+                found.append(entry.pop("retry_in_s"))
+        return found
+    for mine, theirs in zip(countdowns(printed), countdowns(served), strict=True):
+        assert (mine is None) == (theirs is None) and (mine is None or abs(mine - theirs) < 5)
     assert printed == served
 
 
