@@ -6,12 +6,10 @@ The process must be monkey-patched before this module is imported (see
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import io
 import logging
 import os
-import signal
 import socket
 import time
 from typing import Any, Callable
@@ -29,6 +27,7 @@ from .frontdoor import (MAX_HEADER_BLOCK, MAX_HEADER_LINES, NO_FILE_DESCRIPTORS,
                         Refused, framing_problem, header_block_problem, refusal_response, too_large)
 from .headerparse import parse_headers
 from .logs import get_logger
+from .platforms import glibc_malloc, handle_signals
 
 try:  # imported now: out of file descriptors, an import (which opens files) would fail
     import resource
@@ -558,15 +557,14 @@ def return_large_buffers_to_the_os() -> None:
     mmap and unmaps it when freed, but it then raises its mmap threshold to
     that size, so the next bodies come from the heap, whose free space it
     keeps: RSS stayed ~45 MB above the baseline after one 10 MiB upload at a
-    time. A fixed threshold turns that adjustment off. Elsewhere (musl, macOS)
-    this does nothing.
+    time. A fixed threshold turns that adjustment off. Elsewhere (musl, macOS,
+    Windows) this does nothing.
     """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    malloc = glibc_malloc()
+    if malloc is None:
         return
     # The debug line is how a test sees that a gunicorn worker was tuned too (see clipal.wsgi).
-    if mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION) == 1:
+    if malloc.mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION) == 1:
         get_logger().debug("memory: allocations of %d bytes and up are returned to the OS when freed",
                            LARGE_ALLOCATION)
 
@@ -587,10 +585,10 @@ def release_memory_after_bursts(server: ProxyServer, stopping: Event) -> None:
     of open connections falls to a quarter of a burst's peak, never while
     the burst is going on. Elsewhere than glibc this does nothing.
     """
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    malloc = glibc_malloc()
+    if malloc is None:
         return
+    malloc_trim = malloc.malloc_trim
     pool = getattr(server, "pool", None)
     if pool is None:
         return
@@ -620,6 +618,8 @@ def serve(server: ProxyServer, on_stop=None) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and let in-flight responses finish.
 
     SIGHUP reloads the configuration, as it does for nginx (and for gunicorn's master).
+    On Windows, Ctrl+C (SIGINT) or Ctrl+Break (SIGBREAK) stops it and there is no
+    SIGHUP: edits reload through the config watcher only (see :mod:`clipal.platforms`).
     """
     return_large_buffers_to_the_os()
     freeze_startup_objects()
@@ -641,11 +641,11 @@ def serve(server: ProxyServer, on_stop=None) -> None:
         if not stopping.is_set():
             reload_configuration(server.application)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, lambda: gevent.spawn(shutdown))
-    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
-    if hangup is not None:
-        gevent.signal_handler(hangup, lambda: gevent.spawn(reload))
+    platform = handle_signals(shutdown, reload)
+    get_logger().debug("platform %s: stops on %s%s", platform.name,
+                       ", ".join(sig.name for sig in platform.shutdown_signals),
+                       f", reloads on {platform.reload_signal.name}" if platform.reload_signal else
+                       ", reloads on file changes only")
     # serve_forever wakes as soon as stop() closes the listener and runs its own
     # stop(stop_timeout): that one must grant the same grace, or it kills the
     # in-flight responses after gevent's default of one second.

@@ -1,6 +1,7 @@
 """``clipal service``: run this clipal at login as a per-user service.
 
-``install`` writes a systemd user unit (Linux) or a launchd agent (macOS)
+``install`` writes a systemd user unit (Linux) or a launchd agent (macOS),
+or creates a Task Scheduler task run at logon (Windows, with ``schtasks``),
 that runs the interpreter running this command with ``-m clipal
 --config-dir DIR`` - so the service runs the same clipal, from the same
 virtualenv, as the command that installed it - restarts it when it fails,
@@ -14,7 +15,7 @@ The unit and the plist have one source: the templates below. deploy/'s
 are the same templates rendered with the paths a hand install uses
 (:func:`deploy_files`; tests/test_service.py checks that they match).
 
-:func:`current_platform` is the one place that looks at the platform; each
+:func:`current_platform` asks :mod:`clipal.platforms` which platform this is; each
 platform's manager is a :class:`ServiceManager` in :data:`MANAGERS`.
 """
 
@@ -31,10 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+from . import platforms
 from .status import default_config_dir
 
 UNIT_NAME = "clipal.service"
 LABEL = "io.github.clipal"
+#: The Task Scheduler task's name (Windows).
+TASK_NAME = "clipal"
+#: schtasks refuses a /TR command line longer than this.
+MAX_TASK_COMMAND = 261
 ACTIONS = ("install", "uninstall", "start", "stop", "status")
 #: A service manager that takes longer than this to answer is treated as refusing.
 COMMAND_TIMEOUT = 60.0
@@ -234,9 +240,11 @@ class Command:
     argv: tuple[str, ...]
     #: e.g. unloading what is not loaded, before loading it again
     may_fail: bool = False
+    #: shown quoted as Windows parses a command line (schtasks' /TR value holds spaces and quotes)
+    windows: bool = False
 
     def __str__(self) -> str:
-        return " ".join(self.argv)
+        return subprocess.list2cmdline(self.argv) if self.windows else " ".join(self.argv)
 
 
 @dataclass
@@ -250,11 +258,11 @@ class Plan:
 
 
 class ServiceManager(ABC):
-    """One platform's per-user service manager: its file and its commands."""
+    """One platform's per-user service manager: where it keeps the service, and its commands."""
 
     #: the program every command runs (checked for on PATH before anything changes)
     tool = ""
-    #: what the file is called in messages
+    #: what the service is called in messages
     kind = ""
 
     def __init__(self, config_dir: Path, python: str, home: Path) -> None:
@@ -269,6 +277,23 @@ class ServiceManager(ABC):
 
     @property
     @abstractmethod
+    def location(self) -> str:
+        """Where the service is defined, for messages (a file, or a task's name)."""
+
+    @abstractmethod
+    def not_installed(self) -> str | None:
+        """Why ``uninstall`` has nothing to do, or None when the service is installed."""
+
+    @abstractmethod
+    def plan(self, action: str) -> Plan:
+        """What ``action`` (one of :data:`ACTIONS`) does."""
+
+
+class FileServiceManager(ServiceManager):
+    """A service manager that reads the service from a file clipal writes (systemd, launchd)."""
+
+    @property
+    @abstractmethod
     def path(self) -> Path:
         """The file the service manager reads the service from."""
 
@@ -276,12 +301,15 @@ class ServiceManager(ABC):
     def render(self) -> str:
         """That file's text for this clipal."""
 
-    @abstractmethod
-    def plan(self, action: str) -> Plan:
-        """What ``action`` (one of :data:`ACTIONS`) does."""
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    def not_installed(self) -> str | None:
+        return None if self.path.exists() else f"{self.path} does not exist"
 
 
-class Systemd(ServiceManager):
+class Systemd(FileServiceManager):
     """A systemd user unit in ~/.config/systemd/user, run by the user's manager (``systemctl --user``)."""
 
     tool = "systemctl"
@@ -312,7 +340,7 @@ class Systemd(ServiceManager):
         return Plan(before=[self._systemctl(action, UNIT_NAME)])
 
 
-class Launchd(ServiceManager):
+class Launchd(FileServiceManager):
     """A launchd agent in ~/Library/LaunchAgents, in the user's GUI domain (``launchctl``)."""
 
     tool = "launchctl"
@@ -346,13 +374,72 @@ class Launchd(ServiceManager):
         return Plan(before=[Command(("launchctl", "print", f"{self.domain}/{LABEL}"))])
 
 
+class Schtasks(ServiceManager):
+    """A Task Scheduler task started at logon (``schtasks``); Task Scheduler keeps it, clipal writes no file.
+
+    The task runs ``pythonw.exe`` when the interpreter has one beside it: with
+    ``python.exe`` every logon would open a console window, and closing it would
+    stop clipal. Nothing reads the task's output, so the log is clipal's daily
+    files in the config directory's logs/ (clipal writes nowhere when stdout is
+    missing, as it is under pythonw).
+    """
+
+    tool = "schtasks"
+    kind = "Task Scheduler task"
+
+    @property
+    def arguments(self) -> list[str]:
+        windowless = Path(self.python).with_name("pythonw.exe")
+        python = str(windowless) if Path(self.python).name.lower() == "python.exe" and windowless.exists() \
+            else self.python
+        return [python, "-m", "clipal", "--config-dir", str(self.config_dir)]
+
+    @property
+    def location(self) -> str:
+        return TASK_NAME
+
+    @property
+    def task_command(self) -> str:
+        """The /TR value: the arguments as one Windows command line."""
+        command = subprocess.list2cmdline(self.arguments)
+        if len(command) > MAX_TASK_COMMAND:
+            raise ServiceError(f"the task's command line is {len(command)} characters, more than schtasks "
+                               f"takes ({MAX_TASK_COMMAND}); use a shorter --config-dir: {command}")
+        return command
+
+    def _schtasks(self, *args: str, may_fail: bool = False) -> Command:
+        return Command(("schtasks", *args), may_fail, windows=True)
+
+    def not_installed(self) -> str | None:
+        if shutil.which(self.tool) is None:
+            raise ServiceError(f"{self.tool} not found on PATH: clipal service needs Task Scheduler")
+        result = subprocess.run(self._schtasks("/Query", "/TN", TASK_NAME).argv, capture_output=True,
+                                timeout=COMMAND_TIMEOUT)
+        return None if result.returncode == 0 else f"no {self.kind} named {TASK_NAME}"
+
+    def plan(self, action: str) -> Plan:
+        # /End before /Create and /Delete: a running clipal keeps the old command line (or
+        # keeps running after its task is gone) otherwise. It fails when nothing runs.
+        end = self._schtasks("/End", "/TN", TASK_NAME, may_fail=True)
+        if action == "install":
+            create = self._schtasks("/Create", "/SC", "ONLOGON", "/TN", TASK_NAME, "/TR", self.task_command, "/F")
+            return Plan(before=[end, create, self._schtasks("/Run", "/TN", TASK_NAME)])
+        if action == "uninstall":
+            return Plan(before=[end, self._schtasks("/Delete", "/TN", TASK_NAME, "/F")])
+        if action == "start":
+            return Plan(before=[self._schtasks("/Run", "/TN", TASK_NAME)])
+        if action == "stop":
+            return Plan(before=[self._schtasks("/End", "/TN", TASK_NAME)])
+        return Plan(before=[self._schtasks("/Query", "/TN", TASK_NAME, "/V", "/FO", "LIST")])
+
+
 #: Each platform's manager, by :func:`current_platform`'s answer.
-MANAGERS: dict[str, type[ServiceManager]] = {"linux": Systemd, "darwin": Launchd}
+MANAGERS: dict[str, type[ServiceManager]] = {"linux": Systemd, "darwin": Launchd, "win32": Schtasks}
 
 
 def current_platform() -> str:
-    """``linux``, ``darwin``, or another ``sys.platform``: the one place the service command looks at the platform."""
-    return "linux" if sys.platform.startswith("linux") else sys.platform
+    """``linux``, ``darwin``, ``win32`` or another ``sys.platform``, as :mod:`clipal.platforms` says."""
+    return platforms.platform_name()
 
 
 def manager_for(config_dir: Path) -> ServiceManager:
@@ -417,7 +504,8 @@ def carry_out(plan: Plan, manager: ServiceManager) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipal service",
-                                     description="Run clipal at login as a per-user service (systemd, launchd).")
+                                     description="Run clipal at login as a per-user service (systemd, launchd, "
+                                                 "Task Scheduler).")
     parser.add_argument("action", choices=ACTIONS)
     parser.add_argument("--config-dir", metavar="DIR",
                         help="configuration directory the service uses (default: $CLIPAL_CONFIG_DIR or ~/.clipal)")
@@ -432,9 +520,11 @@ def main(argv: list[str]) -> int:
                                       else default_config_dir()))
     try:
         manager = manager_for(config_dir)
-        if args.action == "uninstall" and not manager.path.exists() and not args.dry_run:
-            print(f"clipal service: not installed ({manager.path} does not exist)")
-            return 0
+        if args.action == "uninstall" and not args.dry_run:
+            missing = manager.not_installed()
+            if missing is not None:
+                print(f"clipal service: not installed ({missing})")
+                return 0
         plan = manager.plan(args.action)
         if args.dry_run:
             sys.stdout.write(describe(plan))
@@ -446,5 +536,5 @@ def main(argv: list[str]) -> int:
     if args.action == "status" and output:
         print(output)
     elif args.action != "status":
-        print(f"clipal service: {args.action} done ({manager.kind} {manager.path})")
+        print(f"clipal service: {args.action} done ({manager.kind} {manager.location})")
     return 0

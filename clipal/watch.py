@@ -27,18 +27,17 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional, Tuple
 
 import gevent
 from gevent.socket import wait_read
 
-try:
+from .platforms import inotify_module
+
+if TYPE_CHECKING:
     import inotify_simple
-except ImportError:  # not installed, or a platform it does not support
-    inotify_simple = None  # type: ignore[assignment]
 
 log = logging.getLogger("clipal")
 
@@ -198,14 +197,15 @@ class DirectoryWatcher:
 
     def _open_inotify(self) -> Optional["inotify_simple.INotify"]:
         """A non-blocking inotify instance, or None (logged) when there is none to be had."""
-        if inotify_simple is None or not sys.platform.startswith("linux"):
+        inotify = inotify_module()  # None where inotify_simple is missing or the kernel is not Linux
+        if inotify is None:
             log.info("config watcher: inotify is not available here; polling every %gs",
                      self.poll_interval)
             return None
         try:
             # EMFILE (per-user instance limit), ENOSYS; AttributeError when libc lacks
             # inotify_init1 altogether.
-            return inotify_simple.INotify(nonblocking=True)
+            return inotify.INotify(nonblocking=True)
         except (OSError, AttributeError) as exc:
             log.warning("config watcher: inotify unavailable (%s); polling every %gs",
                         exc, self.poll_interval)

@@ -237,7 +237,7 @@ def test_uninstall_goes_on_when_launchd_has_nothing_loaded(on_macos, tmp_path, m
     assert not plist_path.exists()
 
 
-@pytest.mark.parametrize("platform,tool", [("linux", "systemctl"), ("darwin", "launchctl")])
+@pytest.mark.parametrize("platform,tool", [("linux", "systemctl"), ("darwin", "launchctl"), ("win32", "schtasks")])
 def test_a_refusing_service_manager_is_exit_1_with_its_message(home, tmp_path, monkeypatch, capsys, platform,
                                                                 tool):
     monkeypatch.setattr(service, "current_platform", lambda: platform)
@@ -262,10 +262,10 @@ def test_a_missing_service_manager_is_exit_1_and_changes_nothing(home, tmp_path,
 
 
 def test_a_platform_without_a_service_manager_is_exit_1(home, monkeypatch, capsys):
-    monkeypatch.setattr(service, "current_platform", lambda: "win32")
+    monkeypatch.setattr(service, "current_platform", lambda: "aix")
     assert service.main(["install", "--dry-run"]) == 1
     assert capsys.readouterr().err == ("clipal service: no per-user service manager that clipal knows on this "
-                                       "platform (win32); supported: darwin, linux\n")
+                                       "platform (aix); supported: darwin, linux, win32\n")
 
 
 @pytest.mark.live

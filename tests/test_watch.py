@@ -18,7 +18,7 @@ import gevent
 import inotify_simple
 import pytest
 
-from clipal import watch
+from clipal import platforms, watch
 from clipal.watch import DirectoryWatcher
 
 NAMES = ("config.yaml", "codex.yaml")
@@ -406,7 +406,7 @@ def test_auto_prefers_inotify_and_ignores_a_bad_environment_value(conf, start, m
 
 @pytest.mark.parametrize("requested", ["auto", "inotify"])
 def test_no_inotify_module_means_polling(requested, conf, start, monkeypatch):
-    monkeypatch.setattr(watch, "inotify_simple", None)
+    monkeypatch.setattr(platforms, "inotify_simple", None)
     watcher, rec = start(requested)
     assert watcher.mode_in_use == "poll"
     gevent.sleep(0.02)
