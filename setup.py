@@ -46,5 +46,6 @@ setup(
         "Programming Language :: Python :: 3",
         "Operating System :: POSIX",
         "Operating System :: MacOS",
+        "Operating System :: Microsoft :: Windows",
     ],
 )

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .config import LOG_LEVEL_NAMES, LOG_LEVELS
+from . import platforms
 from .redact import REDACTOR, Redactor
 
 __all__ = [
@@ -468,7 +469,7 @@ def configure_logging(
 
 def warn_if_readable_by_others(path: Path) -> None:
     """Warn once per path when a file holding keys is group- or world-readable."""
-    if os.name != "posix":
+    if not platforms.current().posix_permissions:
         return
     try:
         mode = os.stat(path).st_mode

@@ -72,6 +72,8 @@ class Platform:
     gevent_signals: bool
     #: ``systemd``, ``launchd``, ``schtasks``, or None where clipal knows none
     service_manager: Optional[str]
+    #: file modes say who may read a file (POSIX), so a key file readable by others can be named
+    posix_permissions: bool = True
 
 
 def platform_name() -> str:
@@ -118,6 +120,7 @@ def current() -> Platform:
         reload_signal=None if windows else _signal("SIGHUP"),
         gevent_signals=not windows,
         service_manager=SERVICE_MANAGERS.get(name),
+        posix_permissions=not windows and os.name == "posix",
     )
 
 
