@@ -5,37 +5,45 @@ here instead of in a :class:`~clipal.store.MemoryStore`. Each record is one
 Redis string, ``<state_prefix>:<store key>``, holding the record as JSON and
 expiring (``PX``) when the policy's ``ttl`` says.
 
-**Reads go to Redis at the start of every request.** The policy reads once per
-request (one ``MGET``), so a deactivation, cooldown, breaker or failover that
-any process writes is what every other process reads next: there is nothing
-to keep in step. A local mirror refreshed by pub/sub would save that round
-trip, but it needs version ordering, a resync after every lost subscription,
-and it would keep state that a flushed Redis no longer has. The read path is
-kept lean instead (see :meth:`RedisStore._mget`): measured, it adds about
-0.05 ms and a few per cent of a request's CPU (deploy/README.md).
+**Reads go to Redis, at most** :data:`READ_MAX_AGE` **apart.** The policy reads
+once at the start of each request (one ``MGET`` of the client's records). A
+read within READ_MAX_AGE of the last one for the same records takes that
+answer (with this process's own writes since), so a change made by one
+process is read by every other within READ_MAX_AGE plus a round trip - well
+inside the 100 ms the product promises - while a busy process asks Redis
+about twenty times a second per client instead of once per request. Measured
+(deploy/README.md), a round trip per request cost a fifth to a third of a
+request's CPU under load on a 2-core machine, Redis's own CPU included; a
+local mirror refreshed by pub/sub would cost nothing per request but needs
+version ordering, a resync after every lost subscription, and keeps state a
+flushed Redis no longer has. Updates never use what was read: they are
+transactions on Redis itself.
 
-**Updates are optimistic transactions** (``WATCH``/``GET``/``MULTI``/``SET``/
-``EXEC``, retried when another process wrote the key in between), so the
-breaker's transitions and its single half-open probe permit hold across
-processes. Within a process one greenlet at a time updates a given key, so a
-burst of requests failing over together does not make them retry against
-each other.
+**Updates are optimistic transactions** (``WATCH``+``GET``, then
+``MULTI``+``SET``+``EXEC``, tried again when another process wrote the key in
+between), so the breaker's transitions and its single half-open probe permit
+hold across processes. Within a process one greenlet at a time updates a
+given key, so a burst of requests failing over together does not make them
+collide with each other.
 
-**Redis is a helper, never a single point of failure.** Every call is bounded
-(:data:`CALL_TIMEOUT`, for the whole call, by a gevent timeout on top of the
-socket timeouts; redis-py's own retries are off). When a call fails or times
-out, this process serves from its own :class:`MemoryStore` - which every
-successful update also writes, so it holds what this process last knew -
-logs one warning, and leaves Redis alone for :data:`RETRY_AFTER`: a dead or
-frozen Redis costs one bounded wait per second per process, not one per
-request. The first call after that asks Redis again; when it answers, one
-warning says so, and the records this process wrote while Redis was away are
-written back where Redis has none for that key (it restarted empty, or
-nobody else learned the same thing): what other processes wrote meanwhile
-wins. A Redis that lost its data is simply an empty state.
+**Redis is a helper, never a single point of failure.** Redis gets
+:data:`CALL_TIMEOUT` to answer a call (connecting included; redis-py's own
+retries are off). When it fails or does not answer, this process serves from
+its own :class:`MemoryStore` - which every successful update also writes, so
+it holds what this process last knew - logs one warning, and leaves Redis
+alone for :data:`RETRY_AFTER`: a dead or frozen Redis costs one bounded wait
+per second per process, not one per request. The first call after that asks
+Redis again; when it answers, one warning says so, and the records this
+process wrote while Redis was away are written back where Redis has none for
+that key (it restarted empty, or nobody else learned the same thing): what
+other processes wrote meanwhile wins. A Redis that lost its data is simply
+an empty state.
 
-redis-py's sockets are gevent's (clipal patches before anything imports
-socket), so a slow Redis blocks only the greenlet waiting on it.
+The bound is on Redis, not on this process: a process so busy that its
+greenlet is resumed after the deadline still takes an answer that has
+arrived (see :meth:`RedisStore._answers`), so load alone never turns sharing
+off. redis-py's sockets are gevent's (clipal patches before anything imports
+socket), so waiting on Redis blocks only the greenlet that waits.
 """
 
 from __future__ import annotations
@@ -46,19 +54,18 @@ import os
 import random
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
-
-import gevent
+from typing import Any, Callable, Iterable, TypeVar
 
 from .config import CONFIG_FILE, ConfigError, public_url
 from .logs import get_logger
 from .store import MemoryStore, Record
 
-if TYPE_CHECKING:  # redis is an optional dependency, imported when a store is made
-    import redis
-
-#: Longest a store call may wait for Redis (seconds), connecting included.
+#: How long Redis has to answer a store call (seconds), connecting included.
 CALL_TIMEOUT = 0.05
+#: The least wait for an answer to a command sent after the deadline (a busy process sends late).
+LATE_GRACE = 0.005
+#: A read of records read less than this long ago (seconds) takes that answer instead of asking Redis.
+READ_MAX_AGE = 0.05
 #: After a failed call Redis is left alone this long (seconds); calls meanwhile use memory.
 RETRY_AFTER = 1.0
 #: Tries of one optimistic transaction when other processes keep writing the same key.
@@ -79,7 +86,7 @@ AWAY = _Away()
 
 
 class Contended(Exception):
-    """Other processes wrote a key on every try of a transaction, or for as long as the bound allowed."""
+    """Other processes wrote a key on every try of a transaction."""
 
 
 def import_redis() -> Any:
@@ -114,41 +121,52 @@ class RedisStore:
         self.retry_after = retry_after
         self._clock = clock
         self._key_prefix = prefix + ":"
-        # Retries inside a call would multiply the bound; a failed call falls back to memory instead.
-        self._pool = redis_module.ConnectionPool.from_url(
+        # Only for what redis-py makes of the URL (host or socket, TLS, password, database):
+        # connections are this store's own (see _take). A retry inside a call would
+        # stretch the bound; a failed call falls back to memory instead.
+        pool = redis_module.ConnectionPool.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
             health_check_interval=0)
-        self._client: redis.Redis = redis_module.Redis(connection_pool=self._pool)
+        self._connection_class = pool.connection_class
+        self._connection_kwargs = dict(pool.connection_kwargs)
         self._errors: tuple[type[BaseException], ...] = (redis_module.RedisError, OSError)
-        self._watch_error: type[Exception] = redis_module.WatchError
+        self._timeout_error: type[Exception] = redis_module.TimeoutError
         self._memory = MemoryStore(clock)
         self._up = True  # until a call says otherwise
         self._retry_at = 0.0  # monotonic; when Redis is asked again while it is away
         #: key -> wall-clock expiry of what this process wrote to memory while Redis was away
         self._written_away: dict[str, float] = {}
         self._locks: dict[str, threading.Lock] = {}
-        # The read path's own connections (see _mget), and the process they belong to.
-        self._idle: list[Any] = []
-        self._pid = os.getpid()
+        self._idle: list[Any] = []  # connections ready for a command
+        self._pid = os.getpid()  # the process they belong to
         self._packed: dict[tuple[str, ...], Any] = {}
         #: full key -> (the JSON last read, its record), so an unchanged record is not decoded again
         self._decoded: dict[str, tuple[bytes, Record]] = {}
+        #: full key -> (monotonic time it was read or written in Redis, the record or None)
+        self._recent: dict[str, tuple[float, Record | None]] = {}
 
     # -- the Store protocol ------------------------------------------------------------
 
     def get_many(self, keys: list[str]) -> list[Record | None]:
         names = tuple(self._key_prefix + key for key in keys)
-        values = self._shared(lambda: self._mget(names))
+        if self._up:
+            oldest = time.monotonic() - READ_MAX_AGE
+            recent = [self._recent.get(name) for name in names]
+            if all(entry is not None and entry[0] >= oldest for entry in recent):
+                return [entry[1] for entry in recent]  # type: ignore[index]
+        values = self._shared(lambda deadline: self._mget(names, deadline))
         if isinstance(values, _Away):
             return self._memory.get_many(keys)
-        return [self._decode(name, raw) for name, raw in zip(names, values)]
+        now = time.monotonic()
+        records = [self._decode(name, raw) for name, raw in zip(names, values)]
+        for name, record in zip(names, records):
+            self._recent[name] = (now, record)
+        return records
 
     def update(self, key: str, change: Callable[[Record | None], Record | None],
                ttl: Callable[[Record], float]) -> Record | None:
-        answered: list[bool] = []
         try:
-            outcome = self._shared(lambda: self._transaction(self._key_prefix + key, change, ttl, answered),
-                                   answered)
+            outcome = self._shared(lambda deadline: self._transaction(self._key_prefix + key, change, ttl, deadline))
         except Contended:
             # Redis works; other processes were writing this record all along. Rare (it takes
             # hundreds of writes a second to one record); this process still knows its change.
@@ -158,6 +176,7 @@ class RedisStore:
         if isinstance(outcome, _Away):
             return self._memory.update(key, change, lambda record: self._written_while_away(key, ttl(record)))
         new, seconds = outcome
+        self._recent[self._key_prefix + key] = (time.monotonic(), new)  # read back at once by this process
         # What this process falls back on if Redis goes away: the last it knew of each record it changed.
         self._memory.update(key, lambda _old: new, lambda _record: seconds)
         return new
@@ -173,8 +192,9 @@ class RedisStore:
         for key in [k for k in self._written_away if not k.startswith(keep)]:
             del self._written_away[key]
         names = tuple(self._key_prefix + p for p in keep)
-        for name in [n for n in self._decoded if not n.startswith(names)]:
-            del self._decoded[name]
+        for cache in (self._decoded, self._recent):
+            for name in [n for n in cache if not n.startswith(names)]:
+                del cache[name]
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "redis", "connected": self._up}
@@ -183,47 +203,37 @@ class RedisStore:
 
     def check(self) -> bool:
         """Ask Redis once (bounded) and log where the state is shared, or (one warning) why not yet."""
-        answered = not isinstance(self._shared(self._client.ping), _Away)
+        answered = not isinstance(self._shared(lambda deadline: self._run([("PING",)], deadline)), _Away)
         if answered:
             get_logger().info("failover state shared through Redis at %s (state_prefix %r)", public_url(self.url),
                               self.prefix)
         return answered
 
     def close(self) -> None:
-        """Close every connection to Redis (the store stays usable: it reconnects when next asked)."""
-        self._drop_connections()
+        """Close every idle connection to Redis (the store stays usable: it reconnects when next asked)."""
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.disconnect()
 
     # -- Redis, bounded, or memory -------------------------------------------------------
 
-    def _shared(self, call: Callable[[], T], answered: list[bool] | None = None) -> T | _Away:
-        """``call()`` against Redis within the bound, or AWAY when Redis is away (now or for a while).
-
-        ``answered`` is filled by a call once Redis has answered it: a call cut by the bound
-        after that was held up by other writers (:class:`Contended`), not by Redis.
-        """
+    def _shared(self, call: Callable[[float], T]) -> T | _Away:
+        """``call(deadline)`` against Redis, or AWAY when Redis is away (now, or for a while)."""
         probing = not self._up
         if probing:
             now = time.monotonic()
             if now < self._retry_at:
                 return AWAY
             self._retry_at = now + self.retry_after  # one probe per pause, whichever greenlet comes first
-        timer = gevent.Timeout(self.timeout)
-        timer.start()
+            # Connections from before may lead to a Redis that has died since: start afresh.
+            self.close()
+        deadline = time.monotonic() + self.timeout
         try:
-            written_back = self._write_back() if probing else 0
-            result = call()
-        except gevent.Timeout as error:
-            if error is not timer:
-                raise
-            if answered:
-                raise Contended() from None
-            self._went_away(f"no answer within {self.timeout * 1000:.0f} ms")
-            return AWAY
+            written_back = self._write_back(deadline) if probing else 0
+            result = call(deadline)
         except self._errors as error:
             self._went_away(str(error) or type(error).__name__)
             return AWAY
-        finally:
-            timer.close()
         if probing:
             self._up = True
             self._written_away.clear()
@@ -233,96 +243,115 @@ class RedisStore:
         return result
 
     def _went_away(self, reason: str) -> None:
+        self._recent.clear()  # memory answers from now on, until Redis does again
         if self._up:
             self._up = False
             get_logger().warning("shared state: Redis at %s is unreachable (%s); serving from this process's "
                                  "memory, asking Redis again every %gs", public_url(self.url), reason,
                                  self.retry_after)
         self._retry_at = time.monotonic() + self.retry_after
-        # Pooled connections to a Redis that died or restarted would each fail once more.
-        self._drop_connections()
-
-    def _drop_connections(self) -> None:
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.disconnect()
-        self._pool.disconnect(inuse_connections=False)
 
     def _written_while_away(self, key: str, seconds: float) -> float:
         self._written_away[key] = self._clock() + seconds
         return seconds
 
-    def _write_back(self) -> int:
+    def _write_back(self, deadline: float) -> int:
         """Write what this process changed while Redis was away, where Redis has no record for the key."""
-        if not self._written_away:
-            return 0
         keys = list(self._written_away)
         now = self._clock()
-        written: list[bool] = []
-        with self._client.pipeline(transaction=False) as pipe:
-            for key, record in zip(keys, self._memory.get_many(keys)):
-                left = self._written_away[key] - now
-                if record is not None and left > 0:
-                    pipe.set(self._key_prefix + key, _encode(record), px=_milliseconds(left), nx=True)
-            if len(pipe):
-                written = pipe.execute()
-        return sum(1 for done in written if done)
+        commands = [("SET", self._key_prefix + key, _encode(record), "PX", _milliseconds(self._written_away[key] - now),
+                     "NX")
+                    for key, record in zip(keys, self._memory.get_many(keys))
+                    if record is not None and self._written_away[key] > now]
+        if not commands:
+            return 0
+        return sum(1 for answer in self._run(commands, deadline) if answer)
 
-    # -- the two commands -------------------------------------------------------------------
+    # -- connections and commands -----------------------------------------------------------
+    # Not redis-py's pool and client: on the path every request takes, the pool's check of
+    # each connection it hands out (a poll) and its metrics cost more than the command,
+    # and a client's timeouts cannot tell a silent Redis from a busy process. A connection
+    # goes back to the idle list only after every answer to what was sent on it was read,
+    # and is closed on any error or interruption, so one taken from the list is always
+    # ready for the next command.
 
-    def _mget(self, names: tuple[str, ...]) -> list[bytes | None]:
-        """``MGET names`` on a connection of this store's own, without redis-py's pool.
-
-        The pool checks each connection it hands out with a poll and counts it for its
-        metrics; on the path every request takes, that costs more than the command. A
-        connection here goes back to the idle list only after a whole answer was read,
-        and is closed on any error or interruption, so one taken from the list is always
-        ready for the next command.
-        """
+    def _take(self) -> Any:
         if self._pid != os.getpid():  # forked (gunicorn --preload): the parent's sockets are not ours
             self._idle, self._pid = [], os.getpid()
-        packed = self._packed.get(names)
-        connection = self._idle.pop() if self._idle else self._new_connection()
+        if self._idle:
+            return self._idle.pop()
+        return self._connection_class(**self._connection_kwargs)
+
+    def _answers(self, connection: Any, packed: Any, count: int, deadline: float) -> list[Any]:
+        """Send ``packed`` and read ``count`` answers, Redis having until ``deadline`` to give them.
+
+        A greenlet of a busy process may be resumed after its deadline although the answer
+        came in time; what is waiting in the socket then is taken, so the bound is on
+        Redis, not on this process. Each wait after the deadline still allows
+        :data:`LATE_GRACE` for an answer to a command sent late.
+        """
+        connection.send_packed_command(packed, check_health=False)
+        answers = []
+        for _ in range(count):
+            wait = max(deadline - time.monotonic(), LATE_GRACE)
+            if not (connection.can_read(timeout=wait) or connection.can_read(timeout=0)):
+                raise self._timeout_error(f"no answer within {self.timeout * 1000:.0f} ms")
+            answers.append(connection.read_response())
+        return answers
+
+    def _run(self, commands: list[tuple[Any, ...]], deadline: float) -> list[Any]:
+        """``commands`` sent together on one connection: their answers (one round trip)."""
+        connection = self._take()
         try:
+            answers = self._answers(connection, connection.pack_commands(commands), len(commands), deadline)
+        except BaseException:
+            connection.disconnect()
+            raise
+        self._idle.append(connection)
+        return answers
+
+    def _mget(self, names: tuple[str, ...], deadline: float) -> list[bytes | None]:
+        """``MGET names``; the packed command is kept, as each client reads the same names every time."""
+        connection = self._take()
+        try:
+            packed = self._packed.get(names)
             if packed is None:
                 if len(self._packed) >= PACKED_KEPT:
                     self._packed.clear()
                 packed = self._packed[names] = connection.pack_command("MGET", *names)
-            connection.send_packed_command(packed, check_health=False)
-            values = connection.read_response()
+            (values,) = self._answers(connection, packed, 1, deadline)
         except BaseException:
             connection.disconnect()
             raise
         self._idle.append(connection)
         return values
 
-    def _new_connection(self) -> Any:
-        """A connection made as the pool would (URL, timeouts, TLS, auth), but not counted in it."""
-        return self._pool.connection_class(**self._pool.connection_kwargs)
-
     def _transaction(self, name: str, change: Callable[[Record | None], Record | None],
-                     ttl: Callable[[Record], float], answered: list[bool]) -> tuple[Record | None, float]:
+                     ttl: Callable[[Record], float], deadline: float) -> tuple[Record | None, float]:
         """Replace ``name`` by ``change(old)`` atomically: the new record and its time to live."""
         lock = self._locks.get(name) or self._locks.setdefault(name, threading.Lock())
-        with lock, self._client.pipeline(transaction=True) as pipe:
-            for _ in range(WATCH_ATTEMPTS):
-                try:
-                    pipe.watch(name)
-                    old = pipe.get(name)
-                    answered.append(True)
+        with lock:
+            connection = self._take()
+            try:
+                for _ in range(WATCH_ATTEMPTS):
+                    _, old = self._answers(connection, connection.pack_commands([("WATCH", name), ("GET", name)]),
+                                           2, deadline)
                     new = change(self._loads(old))
                     seconds = ttl(new) if new is not None else 0.0
-                    pipe.multi()
-                    if new is None:
-                        pipe.delete(name)
-                    else:
-                        pipe.set(name, _encode(new), px=_milliseconds(seconds))
-                    pipe.execute()
-                    return new, seconds
-                except self._watch_error:
-                    # Another process wrote it between GET and EXEC: read it again, after a
-                    # random pause so that two processes do not keep colliding in step.
+                    write = ("DEL", name) if new is None else ("SET", name, _encode(new), "PX", _milliseconds(seconds))
+                    *_, done = self._answers(connection, connection.pack_commands([("MULTI",), write, ("EXEC",)]),
+                                             3, deadline)
+                    if done is not None:  # EXEC answers nil when the watched key was written meanwhile
+                        self._idle.append(connection)
+                        return new, seconds
+                    # Read it again, after a random pause so that two processes do not keep
+                    # colliding in step. EXEC has ended the WATCH: the connection is clean.
+                    deadline += WATCH_PAUSE
                     time.sleep(random.uniform(0, WATCH_PAUSE))
+            except BaseException:
+                connection.disconnect()
+                raise
+            self._idle.append(connection)
         raise Contended(name)
 
     # -- values -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 from clipal import redis_store
 from clipal.classify import Kind, Verdict
 from clipal.config import BreakerSettings, Provider
-from clipal.redis_store import RedisStore
+from clipal.redis_store import READ_MAX_AGE, RedisStore
 from clipal.routing import Routing
 from conftest import free_port
 from redisserver import RedisServer
@@ -62,6 +62,11 @@ def stores() -> Iterator[list[RedisStore]]:
         store.close()
 
 
+def settle() -> None:
+    """Past the age up to which a store answers a read with its last one: others' changes are read."""
+    time.sleep(READ_MAX_AGE + 0.01)
+
+
 def bump(old: dict | None) -> dict:
     record = old if old is not None else {}
     record["n"] = record.get("n", 0) + 1
@@ -89,9 +94,35 @@ def test_stores_with_one_prefix_share_records_and_another_prefix_sees_none(serve
     one.update("claudecode/cursor", lambda old: {"current": {"main": "B"}}, lambda record: 60.0)
     assert two.get_many(["claudecode/cursor"]) == [{"current": {"main": "B"}}]
     assert other.get_many(["claudecode/cursor"]) == [None]
-    # A change is read by the other store at once: there is no cache in between.
+    # Each store reads its own change back at once.
     two.update("claudecode/cursor", lambda old: {**old, "current": {"main": "C"}}, lambda record: 60.0)
-    assert one.get_many(["claudecode/cursor"]) == [{"current": {"main": "C"}}]
+    assert two.get_many(["claudecode/cursor"]) == [{"current": {"main": "C"}}]
+
+
+def test_a_change_is_read_by_another_process_within_100_ms(server, stores, log):
+    one, two = RedisStore(server.url, "clipal"), RedisStore(server.url, "clipal")
+    stores.extend([one, two])
+    for n in range(5):
+        assert two.get_many(["codex:x"]) == [None if n == 0 else {"n": n}]  # two has just read it
+        one.update("codex:x", bump, lambda record: 60.0)
+        changed = time.monotonic()
+        while two.get_many(["codex:x"]) != [{"n": n + 1}]:
+            assert time.monotonic() - changed < 0.1, "not seen within 100 ms"
+            time.sleep(0.002)
+
+
+def test_a_busy_process_reads_redis_a_few_times_a_second_not_once_per_request(server, stores, log):
+    store = RedisStore(server.url, "clipal")
+    stores.append(store)
+    store.update("codex:x", bump, lambda record: 60.0)
+    calls = lambda: server.client().info("commandstats").get("cmdstat_mget", {}).get("calls", 0)  # noqa: E731
+    before, started = calls(), time.monotonic()
+    reads = 0
+    while time.monotonic() - started < 0.5:
+        assert store.get_many(["codex:x", "codex:y"]) == [{"n": 1}, None]
+        reads += 1
+    assert reads > 1000
+    assert calls() - before <= 0.5 / READ_MAX_AGE + 2
 
 
 def test_updates_are_atomic_across_processes(server, stores, log):
@@ -164,6 +195,7 @@ def test_flushall_is_an_empty_state_not_an_outage(server, stores, log):
     stores.append(store)
     store.update("codex:x", bump, lambda record: 60.0)
     server.client().flushall()
+    settle()
     assert store.get_many(["codex:x"]) == [None]
     assert store.update("codex:x", bump, lambda record: 60.0) == {"n": 1}
     assert log.warnings() == [] and store.describe()["connected"]
@@ -207,6 +239,7 @@ def test_a_frozen_redis_is_waited_on_within_the_bound_only(server, stores, log):
     store = RedisStore(server.url, "clipal", retry_after=0.5)
     stores.append(store)
     store.update("codex:x", bump, lambda record: 60.0)
+    settle()
     server.freeze()
     try:
         started = time.monotonic()
@@ -215,6 +248,7 @@ def test_a_frozen_redis_is_waited_on_within_the_bound_only(server, stores, log):
         assert first < 0.2, first
         started = time.monotonic()
         assert store.update("codex:x", bump, lambda record: 60.0) == {"n": 2}
+        assert store.get_many(["codex:x"]) == [{"n": 2}]
         assert time.monotonic() - started < 0.01
         assert len(log.warnings()) == 1
         time.sleep(0.6)

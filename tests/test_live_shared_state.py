@@ -3,7 +3,8 @@
 Each process has its own config directory with the same provider entries, as two hosts
 with the same provider files would: a provider's state is keyed by its identity, so they
 share it. What one process learns (a deactivation, a cooldown, a key's state, a breaker,
-the current provider) the other acts on without asking the provider; a process with
+the current provider) the other acts on without asking the provider, from 100 ms after
+the change on (the promise: the tests wait that long, ``settle()``); a process with
 another state_prefix keeps its own. Redis killed, frozen or flushed under load never
 fails a request, and sharing resumes when it is back.
 """
@@ -37,6 +38,11 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
 
 
+def settle() -> None:
+    """Wait as long as a change may take to reach the other processes."""
+    time.sleep(0.1)
+
+
 def shared(server: RedisServer, prefix: str = "clipal", **settings: object) -> dict:
     return {"state_url": server.url, "state_prefix": prefix, **settings}
 
@@ -65,6 +71,7 @@ def test_a_401_seen_by_one_process_deactivates_the_provider_in_the_other(clipal,
     assert answered_by(chat(one)) == "B"
     assert len(a.requests) == 1
     one.wait_for_output("provider A deactivated")
+    settle()
     for _ in range(3):
         assert answered_by(chat(two)) == "B"
     assert len(a.requests) == 1, "the other process asked the deactivated provider"
@@ -89,10 +96,12 @@ def test_after_a_failover_in_one_process_the_other_starts_at_the_new_provider(cl
 
     a.script(Reply.openai_error(500))  # once: A is failed over from, not put out of service
     assert answered_by(chat(one)) == "B"
+    settle()
     assert answered_by(chat(two)) == "B"
     assert len(a.requests) == 2
     b.script(Reply.openai_error(429))
     assert answered_by(chat(two)) == "A"  # back on A, which two's walk reached next
+    settle()
     assert answered_by(chat(one)) == "A"
     assert (len(a.requests), len(b.requests)) == (4, 3)
 
@@ -106,9 +115,11 @@ def test_key_states_are_shared(clipal, upstream_factory, redis_server):
     two = clipal(settings=shared(redis_server), codex=providers)
 
     assert answered_by(chat(one)) == "K"  # key 1 deactivated, key 2 answers and becomes current
+    settle()
     assert answered_by(chat(two)) == "K"  # straight to key 2
     up.key_defaults[keys[1]] = Reply.openai_error(429, retry_after=60)
     assert answered_by(chat(two)) == "K"  # key 2 cools down for 60 s, key 3 answers
+    settle()
     assert answered_by(chat(one)) == "K"  # straight to key 3
     assert [r.api_key for r in up.requests] == [keys[0], keys[1], keys[1], keys[1], keys[2], keys[2]]
 
@@ -123,6 +134,7 @@ def test_cooldowns_are_shared(clipal, upstream_factory, redis_server):
 
     first = chat(one)
     assert first.status_code in (429, 503) and "retry in" in first.text
+    settle()
     answer = chat(two)
     assert answer.status_code == first.status_code and 20 <= int(answer.headers["Retry-After"]) <= 31
     assert (len(a.requests), len(b.requests)) == (1, 1), "the other process asked a cooling provider"
@@ -143,6 +155,7 @@ def test_an_open_breaker_is_shared(clipal, upstream_factory, redis_server):
     a.script(Reply.openai_error(500))
     b.script(Reply.openai_error(429))
     assert answered_by(chat(one)) == "C"  # A's first failure; C is current
+    settle()
     c.script(Reply.openai_error(429))
     a.script(Reply.openai_error(500))
     assert answered_by(chat(two)) == "B"  # from C: C out, A's second failure (one's was the first), B
@@ -150,6 +163,7 @@ def test_an_open_breaker_is_shared(clipal, upstream_factory, redis_server):
     b.script(Reply.openai_error(429))
     assert answered_by(chat(two)) == "C"  # C current again
     requests_to_a = len(a.requests)
+    settle()
 
     c.script(Reply.openai_error(429))
     # From C the walk comes to A; one counted a single failure of A itself, but the breaker
@@ -164,6 +178,8 @@ def test_two_gunicorn_workers_share_one_failover_state(tmp_path, upstream_factor
     config_dir = tmp_path / "config"
     write_config(config_dir, settings=shared(redis_server), codex=[provider("A", a), provider("B", b, priority=2)])
     server = gunicorn_clipal(config_dir)
+    assert gunicorn_chat(server, server.new_id())[0] == "B"  # one worker meets A's 401
+    settle()
 
     served = hit_both_workers(server, lambda s, test_id: gunicorn_chat(s, test_id)[0])
     assert {name for _, name in served.values()} == {"B"}
@@ -190,6 +206,7 @@ def test_every_key_is_prefixed_and_no_key_or_token_is_stored(clipal, upstream_fa
     two = clipal(settings=settings, codex=providers)
     auth = {"Authorization": f"Bearer {token}"}
     assert answered_by(chat(one, headers=auth)) == "K"  # A deactivated, B's breaker opened, K's key 1 cooling
+    settle()
     assert answered_by(chat(two, headers=auth)) == "K"
     b.default = Reply.openai_error(503, retry_after=30)
     k.default = Reply.openai_error(500)
@@ -276,6 +293,7 @@ def assert_sharing_resumed(one: ClipalProcess, two: ClipalProcess, a, b) -> None
     asked = len(a.requests)
     a.default = Reply.openai_error(401)
     assert answered_by(chat(one)) == "B"
+    settle()
     for _ in range(3):
         assert answered_by(chat(two)) == "B"
     assert len(a.requests) == asked + 1
@@ -353,6 +371,7 @@ def test_redis_flushed_under_load_is_an_empty_state(pair, redis_server):
         redis_server.client().flushall()
         load.wait_for(20)
     results = load.stop()
+    settle()
 
     assert load.errors == [] and {status for status, _ in results} == {200}
     assert all(warnings_in(p, UNREACHABLE) == 0 for p in (one, two))
