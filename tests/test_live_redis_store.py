@@ -140,6 +140,7 @@ def test_updates_are_atomic_across_processes(server, stores, log):
     for thread in threads:
         thread.join()
     # A read-modify-write that is not atomic loses increments when two processes interleave.
+    settle()
     assert pair[0].get_many(["codex:counter"]) == [{"n": 400}], log.lines
     assert log.warnings() == []
 
