@@ -12,9 +12,9 @@ answer (with this process's own writes since), so a change made by one
 process is read by every other within READ_MAX_AGE plus a round trip - well
 inside the 100 ms the product promises - while a busy process asks Redis
 about twenty times a second per client instead of once per request. Measured
-(deploy/README.md), a round trip per request cost a fifth to a third of a
-request's CPU under load on a 2-core machine, Redis's own CPU included; a
-local mirror refreshed by pub/sub would cost nothing per request but needs
+(deploy/README.md), a round trip per request cost a fifth to a third more of
+clipal's CPU per request under load on a 2-core machine (Redis spent another
+50 us per request); a local mirror refreshed by pub/sub would cost nothing per request but needs
 version ordering, a resync after every lost subscription, and keeps state a
 flushed Redis no longer has. Updates never use what was read: they are
 transactions on Redis itself.
