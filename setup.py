@@ -32,6 +32,8 @@ setup(
         "inotify-simple>=1.3; sys_platform == 'linux'",
     ],
     extras_require={
+        # state_url: processes (gunicorn workers, several hosts) sharing one failover state.
+        "redis": ["redis>=5"],
         "test": [
             "pytest>=7.4",
             "responses>=0.24",
@@ -39,6 +41,7 @@ setup(
             "openai>=1.50",
             "google-genai>=1.0",
             "gunicorn>=22.0",
+            "redis>=5",
         ],
     },
     entry_points={"console_scripts": ["clipal=clipal.cli:main"]},

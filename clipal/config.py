@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar, get_type_hints
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -357,6 +357,59 @@ def _circuit_breaker(value: object) -> BreakerSettings:
     return BreakerSettings(**values)
 
 
+#: What ``state_url`` may name: Redis over TCP, over TLS, or over a Unix socket.
+STATE_URL_SCHEMES = ("redis", "rediss", "unix")
+
+
+def public_url(url: str) -> str:
+    """``url`` with its password (if any) shown as ``***``: what a log line or an error may print."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # unparsable: nothing after the scheme can be trusted to hold no password
+        return url.partition("://")[0] + "://..." if "://" in url else "..."
+    if password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def _state_url(value: object) -> str:
+    """``state_url``: empty (this process's memory), or the Redis URL that processes share state through.
+
+    Only the form is checked here; whether that Redis answers is found out while serving,
+    because clipal serves without it.
+    """
+    url = _string(value).strip()
+    if not url:
+        return ""
+    shown = public_url(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"is not a valid URL: {shown!r}") from None
+    if parts.scheme not in STATE_URL_SCHEMES:
+        raise ValueError(f"must be a redis://, rediss:// or unix:// URL (or empty for this process's memory), "
+                         f"got {shown!r}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"needs the socket's path, as in unix:///run/redis/redis.sock, got {shown!r}")
+    elif not re.fullmatch(r"/?(\d+)?", parts.path):
+        raise ValueError(f"may end only in a database number, as in redis://localhost:6379/0, got {shown!r}")
+    return url
+
+
+def _state_prefix(value: object) -> str:
+    """``state_prefix``: the namespace of clipal's keys in Redis (every key is ``<prefix>:...``)."""
+    prefix = _string(value).strip()
+    if not prefix:
+        raise ValueError("must not be empty")
+    if any(ch.isspace() or not ch.isprintable() for ch in prefix):
+        raise ValueError("must not contain whitespace or control characters")
+    return prefix
+
+
 # --- the settings of config.yaml -------------------------------------------------------
 # Each setting is one Setting in SETTINGS; everything else is made from that table:
 # the Settings dataclass, the keys parse_settings accepts and how it checks them,
@@ -388,7 +441,7 @@ class Setting(Generic[T]):
     default: T
     #: One line, as --help shows it.
     help: str
-    #: Only takes effect when the listening socket is reopened, so a reload cannot apply it.
+    #: Only takes effect at start (the listening socket, the state store), so a reload cannot apply it.
     restart: bool = False
     flag: Flag | None = None
     #: ``key:`` with no value means the default instead of being an error.
@@ -445,6 +498,12 @@ SETTINGS: tuple[Setting[Any], ...] = (
             help="Host names served besides loopback and localhost when no access_tokens are set"),
     Setting("metrics", _boolean, default=True,
             help="count requests and serve them at /metrics in Prometheus' format (false = 404, nothing counted)"),
+    # The store is chosen once per process (clipal.runtime): a reload cannot move the state elsewhere.
+    Setting("state_url", _state_url, default="", restart=True, blank_means_default=True,
+            help="where the failover state lives: a redis://, rediss:// or unix:// URL shares it with every clipal "
+                 "using that Redis and state_prefix; empty = this process's memory"),
+    Setting("state_prefix", _state_prefix, default="clipal", restart=True, blank_means_default=True,
+            help="namespace of clipal's keys in that Redis: processes with the same one share one failover state"),
 )
 
 

@@ -24,11 +24,11 @@ import gevent
 from . import redact
 from .runtime import Runtime, warn_about_permissions
 from .clients import CLIENTS
-from .config import CONFIG_FILE, SETTINGS, Config, ConfigError, load_config
+from .config import CONFIG_FILE, SETTINGS, Config, ConfigError, load_config, public_url
 from .logs import get_logger
 from .watch import DirectoryWatcher
 
-#: Settings that only take effect when the listening socket is reopened.
+#: Settings that only take effect at start: the listening socket's, and the state store's.
 _RESTART_ONLY = tuple(setting.name for setting in SETTINGS if setting.restart)
 
 #: How often a reload refused because a file was not readable is tried again.
@@ -132,8 +132,10 @@ class Reloader:
         # Flags given on the command line keep winning over the files.
         for field in _RESTART_ONLY:
             if field not in self.runtime.overrides and getattr(new.settings, field) != getattr(old.settings, field):
+                value = getattr(new.settings, field)
+                # A Redis URL may carry a password, which no log line may show.
                 log.warning("%s: %s changed to %r; restart clipal to apply it", CONFIG_FILE, field,
-                            getattr(new.settings, field))
+                            public_url(value) if field == "state_url" else value)
         # The restart-only settings keep their running values in the snapshot: that is what is served,
         # and what the next reload compares with (so a later edit still says "restart", and
         # putting the running values back does not).

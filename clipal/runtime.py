@@ -4,6 +4,10 @@ A :class:`Runtime` lives as long as the app. Its :class:`Snapshot` - one
 configuration and the failover state built from it - is replaced whole on
 reload (one reference swap), so a request that read it keeps a consistent
 configuration until it finishes, and no request sees half a config.
+
+The failover state's store is chosen once, at start, from ``state_url``: this
+process's memory, or Redis shared with every clipal using the same Redis and
+``state_prefix`` (:mod:`clipal.redis_store`).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import requests
 
 from . import transport
 from .access import AccessPolicy
-from .config import Config, config_files
+from .config import Config, Settings, config_files
 from .routing import Routing
+from .redis_store import RedisStore
 from .store import MemoryStore, Store
 from .logs import configure_logging, warn_if_readable_by_others
 
@@ -44,12 +49,21 @@ class Runtime:
                  store: Store | None = None) -> None:
         self.overrides = dict(overrides or {})
         self.session: requests.Session = transport.new_session()
-        self.store: Store = store if store is not None else MemoryStore(time.time)
+        self.store: Store = store if store is not None else open_store(self._with_overrides(config).settings)
         self.snapshot = self._build(config)
+        if isinstance(self.store, RedisStore):
+            # create_app configures logging after the runtime is built; the store's first
+            # line (shared, or why not yet) must already reach the configured log.
+            apply_logging(self.snapshot.config)
+            self.store.check()
+
+    def _with_overrides(self, config: Config) -> Config:
+        if not self.overrides:
+            return config
+        return dataclasses.replace(config, settings=dataclasses.replace(config.settings, **self.overrides))
 
     def _build(self, config: Config) -> Snapshot:
-        if self.overrides:
-            config = dataclasses.replace(config, settings=dataclasses.replace(config.settings, **self.overrides))
+        config = self._with_overrides(config)
         settings = config.settings
         routing = Routing(config.providers, store=self.store, clock=time.time,
                           reactivate_after=settings.reactivate_after,
@@ -71,6 +85,16 @@ class Runtime:
         snapshot.routing.carry_counters(previous.routing)
         apply_logging(snapshot.config)
         return snapshot
+
+
+def open_store(settings: Settings) -> Store:
+    """The store ``state_url`` names: this process's memory when it is empty, else Redis.
+
+    Raises :class:`~clipal.config.ConfigError` when it names Redis and redis-py is not installed.
+    """
+    if not settings.state_url:
+        return MemoryStore(time.time)
+    return RedisStore(settings.state_url, settings.state_prefix)
 
 
 def apply_logging(config: Config) -> None:

@@ -8,6 +8,9 @@ that share a store share the state. Values are JSON-compatible mappings.
 
 :class:`MemoryStore` keeps them in this process. Under gevent each call is
 atomic with respect to other greenlets: nothing in it yields.
+:class:`clipal.redis_store.RedisStore` keeps them in Redis, shared by every
+process that uses the same Redis and prefix, and falls back on a
+MemoryStore of its own while Redis does not answer.
 """
 
 from __future__ import annotations
@@ -22,19 +25,35 @@ class Store(Protocol):
     """What the routing policy needs from wherever its records live."""
 
     def get_many(self, keys: list[str]) -> list[Record | None]:
-        """The records under ``keys`` (None where there is none), in one round trip."""
+        """The records under ``keys`` (None where there is none), in one round trip.
+
+        The records are the caller's to read, not to change: a store may hand out the
+        same objects again (MemoryStore its own, RedisStore those of an unchanged value).
+        """
         ...
 
     def update(self, key: str, change: Callable[[Record | None], Record | None],
                ttl: Callable[[Record], float]) -> Record | None:
         """Atomically replace the record under ``key`` by ``change(old)`` (None deletes it).
 
-        The new record expires ``ttl(new)`` seconds after this write. Returns what was stored.
+        ``old`` is the caller's own copy, free to be edited into the new record. A shared
+        store may call ``change`` more than once (again when another process wrote the
+        key meanwhile); only the last result is stored. The new record expires
+        ``ttl(new)`` seconds after this write. Returns what was stored.
         """
         ...
 
     def keep_only(self, prefixes: Iterable[str]) -> None:
-        """Forget every record whose key starts with none of ``prefixes`` (providers gone on reload)."""
+        """Forget every record whose key starts with none of ``prefixes`` (providers gone on reload).
+
+        This process's own records only: a shared store leaves the others in place (another
+        process or host may still have those providers), and they expire by their ttl.
+        """
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Where the records live, for /status: ``{"backend": "memory"}``, or
+        ``{"backend": "redis", "connected": bool}`` (False while Redis does not answer)."""
         ...
 
     def describe(self) -> dict[str, Any]:

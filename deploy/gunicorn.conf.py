@@ -9,15 +9,18 @@ Environment (all optional):
     PROMETHEUS_MULTIPROC_DIR  an empty directory: /metrics then sums every worker's counters
                        (without it, a scrape sees only the worker that answers it)
 
-Each worker is a separate process with its OWN failover state and its OWN config
-watcher. Failover is therefore learned per worker: a provider that worker 1 has
-deactivated (bad key, quota) or is cooling down (429) may still be tried once by worker 2,
-and each worker keeps its own "current provider". Every worker reloads the config files
-by itself when they change, within a second or two of each other. With 2 workers you
-get a spare process if one dies; one gevent worker already serves many concurrent
-streams, so CLIPAL_WORKERS=1 gives a single, shared failover memory. `clipal` itself
-(one process) is the simplest choice for one user; gunicorn is for running it under an
-existing gunicorn setup.
+Each worker is a separate process with its OWN config watcher, and - unless config.yaml
+sets state_url - its OWN failover state. Without state_url, failover is learned per
+worker: a provider that worker 1 has deactivated (bad key, quota) or is cooling down (429)
+may still be tried once by worker 2, and each worker keeps its own "current provider".
+With state_url: redis://... all workers (and every other clipal on that Redis and
+state_prefix) share one failover state, and Redis being down only makes each worker fall
+back on its own memory (deploy/README.md, "A team box"). Every worker reloads the config
+files by itself when they change, within a second or two of each other. With 2 workers
+you get a spare process if one dies; one gevent worker already serves many concurrent
+streams, so CLIPAL_WORKERS=1 gives a single failover memory without Redis. `clipal`
+itself (one process) is the simplest choice for one user; gunicorn is for running it
+under an existing gunicorn setup, or for a team box.
 
 clipal's own settings in config.yaml (timeouts, body limit, logging) apply unchanged;
 listen_addr and port in config.yaml are ignored here: gunicorn owns the socket.

@@ -89,7 +89,8 @@ OTHER_VALUES = {
     "upstream_idle_timeout": "45s", "max_request_body_bytes": 1000, "log_dir": "/tmp/clipal-elsewhere",
     "log_retention_days": 30, "log_stdout": False, "ignore_count_tokens_failover": True,
     "access_tokens": ["a-reloaded-token-0123456789"], "allowed_origins": ["https://app.example"],
-    "allowed_hosts": ["clipal.lan"], "metrics": False,
+    "allowed_hosts": ["clipal.lan"], "metrics": False, "state_url": "redis://127.0.0.1:6390/1",
+    "state_prefix": "team-a",
 }
 
 
@@ -111,7 +112,9 @@ class _Recorder:
 
 def test_a_reload_applies_every_setting_or_says_it_needs_a_restart(tmp_path, monkeypatch):
     assert set(OTHER_VALUES) == set(NAMES), "give the new setting a value above"
-    assert [setting.name for setting in SETTINGS if setting.restart] == ["listen_addr", "port"]  # the socket's
+    # The socket's, and the state store's (chosen once per process).
+    assert [setting.name for setting in SETTINGS if setting.restart] == ["listen_addr", "port", "state_url",
+                                                                         "state_prefix"]
     log = _Recorder()
     monkeypatch.setattr(reload, "get_logger", lambda: log)
     monkeypatch.setattr(runtime_module, "apply_logging", lambda config: None)  # the process's logging stays
