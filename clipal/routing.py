@@ -474,19 +474,22 @@ class Walk:
         """Take the half-open probe permit, atomically; False when another request holds it."""
         routing, now = self.routing, self.routing.clock()
         taken: list[bool] = []
+        said: list[Event] = []  # a shared store may run ``take`` again: say only the last run's
 
         def take(record: Record) -> None:
+            said.clear()
             breaker = _breaker(record)
             if breaker_state(record, routing.breaker, now) != HALF_OPEN or breaker.get("probe_until", 0.0) > now:
                 taken.append(False)
                 return
             if breaker["state"] == OPEN:  # open_timeout has passed: it is half-open from now on
                 breaker.update(state=HALF_OPEN, successes=0)
-                self.events.append(Event("info", f"provider {provider.name}: circuit half-open, probing it"))
+                said.append(Event("info", f"provider {provider.name}: circuit half-open, probing it"))
             breaker["probe_until"] = now + PROBE_LEASE
             record["breaker"] = breaker
             taken.append(True)
         routing.change(provider, take)
+        self.events.extend(said)
         return taken[-1]
 
     # -- outcomes ------------------------------------------------------------------
@@ -597,22 +600,25 @@ class Walk:
         if settings.failure_threshold <= 0 or self.count_tokens:
             return  # disabled, or a count_tokens request (never moves a breaker)
         now, provider = routing.clock(), attempt.provider
+        said: list[Event] = []  # a shared store may run ``count`` again: say only the last run's
 
         def count(record: Record) -> None:
+            said.clear()
             breaker = _breaker(record)
             if breaker_state(record, settings, now) == CLOSED:
                 breaker["failures"] = breaker.get("failures", 0) + 1
                 if breaker["failures"] >= settings.failure_threshold:
                     breaker.update(state=OPEN, opened_at=now, successes=0, probe_until=0.0)
-                    self.events.append(Event("warning", f"provider {provider.name}: circuit opened for "
+                    said.append(Event("warning", f"provider {provider.name}: circuit opened for "
                                                         f"{format_duration(settings.open_timeout)} after "
                                                         f"{breaker['failures']} failures in a row (last: {reason})"))
             else:  # half-open, or open and tried as the last resort: open for another open_timeout
                 breaker.update(state=OPEN, opened_at=now, successes=0, probe_until=0.0)
-                self.events.append(Event("warning", f"provider {provider.name}: circuit opened again for "
-                                                    f"{format_duration(settings.open_timeout)} (last: {reason})"))
+                said.append(Event("warning", f"provider {provider.name}: circuit opened again for "
+                                             f"{format_duration(settings.open_timeout)} (last: {reason})"))
             record["breaker"] = breaker
         routing.change(provider, count)
+        self.events.extend(said)
 
     def _breaker_success(self, attempt: Attempt) -> None:
         routing, settings = self.routing, self.routing.breaker
@@ -624,8 +630,10 @@ class Walk:
         record = self._last_record
         if breaker_state(record, settings, now) == CLOSED and not _breaker(record).get("failures"):
             return  # the common case: nothing to reset, nothing to write
+        said: list[Event] = []  # a shared store may run ``count`` again: say only the last run's
 
         def count(record: Record) -> None:
+            said.clear()
             breaker = _breaker(record)
             if breaker_state(record, settings, now) == CLOSED:
                 breaker["failures"] = 0
@@ -634,11 +642,12 @@ class Walk:
                 breaker["probe_until"] = 0.0
                 if breaker["successes"] >= settings.success_threshold:
                     breaker.update(state=CLOSED, failures=0, successes=0)
-                    self.events.append(Event("info", f"provider {provider.name}: circuit closed"))
+                    said.append(Event("info", f"provider {provider.name}: circuit closed"))
                 else:
                     breaker["state"] = HALF_OPEN
             record["breaker"] = breaker
         routing.change(provider, count)
+        self.events.extend(said)
 
     def _release_probe(self, provider: Provider) -> None:
         def release(record: Record) -> None:

@@ -2,9 +2,10 @@
 
 The config directory comes from ``$CLIPAL_CONFIG_DIR`` (else ~/.clipal).
 gunicorn's gevent worker has already monkey-patched the process when it
-imports this module. Each worker process builds its own app, so each has
-its own failover state and its own config watcher: failovers and
-deactivations are learned per worker, and every worker reloads on its own.
+imports this module. Each worker process builds its own app and its own
+config watcher (every worker reloads on its own). The failover state is
+each worker's own too, unless ``state_url`` names a Redis: then every
+worker (and host) using it shares one.
 
 The front door's rules (:mod:`clipal.frontdoor`) hold under gunicorn too.
 gunicorn's own parser (its "gevent" worker, which deploy/gunicorn.conf.py
