@@ -21,6 +21,7 @@ import requests
 
 from conftest import provider
 from fakeupstream import Reply
+from test_live_stalls import read_to_end
 
 MESSAGES = "/claudecode/v1/messages"
 GEMINI_STREAM = "/gemini/v1beta/models/gemini-test:streamGenerateContent"
@@ -127,17 +128,9 @@ def test_a_real_stall_ends_the_response_one_timeout_after_the_last_byte(clipal, 
     proxy = clipal(settings={"upstream_idle_timeout": "2s"}, claudecode=[provider("A", a)])
 
     body = json.dumps(dict(PAYLOAD, stream=True)).encode()
-    reads = []
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
         sock.sendall(f"POST {MESSAGES} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        while True:
-            try:
-                data = sock.recv(65536)
-            except ConnectionResetError:
-                data = b""
-            reads.append((time.monotonic(), data))
-            if not data:
-                break
+        reads = read_to_end(sock)
     first = reads[0][0]
     last_data = max(at for at, data in reads if data)
     closed = reads[-1][0]
