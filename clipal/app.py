@@ -115,8 +115,7 @@ def create_app(config_dir: Path | str | None = None, *, config: Config | None = 
         # /status and /metrics tell who the providers are and how they fare: the agents' access rule applies.
         decision = checked_access(request.environ, runtime.snapshot.access, log)
         if isinstance(decision, Refused):
-            body = json.dumps({"error": {"message": decision.message, "type": "access_denied"}})
-            return Response(body, status=decision.status, mimetype="application/json")
+            return proxy.error_response(None, decision.status, decision.message)
         return None
 
     by_name = {client.name: client for client in CLIENTS}

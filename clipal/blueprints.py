@@ -19,7 +19,7 @@ from werkzeug.exceptions import HTTPException
 from . import access, proxy
 from .clients import ClientKind
 from .logs import get_logger
-from .outbound import client_credentials
+from .outbound import CREDENTIAL_HEADERS, client_credentials
 from .runtime import Runtime
 
 #: Every HTTP method is forwarded; Flask must not answer OPTIONS or HEAD itself.
@@ -27,8 +27,7 @@ METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 #: Where the app keeps its :class:`Runtime` (``app.extensions[RUNTIME]``).
 RUNTIME = "clipal"
 #: The environ keys of the headers that can carry a client credential (an access token).
-_CREDENTIAL_ENVIRON = (("Authorization", "HTTP_AUTHORIZATION"), ("x-api-key", "HTTP_X_API_KEY"),
-                       ("x-goog-api-key", "HTTP_X_GOOG_API_KEY"))
+_CREDENTIAL_ENVIRON = tuple((name, "HTTP_" + name.upper().replace("-", "_")) for name in CREDENTIAL_HEADERS)
 
 
 class RefusalLog:

@@ -55,12 +55,15 @@ class PassthroughResponse(Response):
     default_mimetype = None
 
 
+#: The ``type`` of clipal's own error shape, for a request no client's shape applies to.
+_OWN_ERROR_TYPES = {400: "invalid_request", 401: "access_denied", 403: "access_denied"}
+
+
 def error_response(client: ClientKind | None, status: int, message: str, *,
                    retry_after: int | None = None, provider: str | None = None) -> Response:
     """An error clipal produces itself, in the client's own JSON shape."""
-    if client is None:
-        kind = "invalid_request" if status == 400 else "not_found"
-        body = json.dumps({"error": {"message": message, "type": kind}}).encode()
+    if client is None:  # no client's shape applies (no prefix, /status, /metrics): clipal's own
+        body = json.dumps({"error": {"message": message, "type": _OWN_ERROR_TYPES.get(status, "not_found")}}).encode()
     else:
         body = client.error_body(status, message)
     response = Response(body, status=status, mimetype="application/json")

@@ -338,10 +338,10 @@ class ClientRouting:
         views = []
         for provider in self.providers:
             record = records[provider.name]
-            keys = len(self.key_order(provider, record, lane, now))
             if self.manual:
                 views.append(ProviderView(provider, "available", None, None, len(provider.api_keys), CLOSED))
                 continue
+            keys = len(self.key_order(provider, record, lane, now))
             outage = self.outage(provider, record, lane, now)
             breaker = breaker_state(record, self.breaker, now) if self.breaker.failure_threshold > 0 else CLOSED
             if outage is not None:

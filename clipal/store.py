@@ -56,10 +56,6 @@ class Store(Protocol):
         ``{"backend": "redis", "connected": bool}`` (False while Redis does not answer)."""
         ...
 
-    def describe(self) -> dict[str, Any]:
-        """What /status says of the store: ``{"backend": name}``, plus whatever tells its health."""
-        ...
-
 
 class MemoryStore:
     """Records in a dict of this process; expired ones are dropped when read."""
