@@ -76,10 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         from .service import main as service_main
 
         return service_main(argv[1:])
+    if "--version" in argv:  # answered before any of the server is imported
+        print(f"clipal {__version__}")
+        return 0
 
-    from gevent import monkey
+    from .patch import patch_with_gevent
 
-    monkey.patch_all()
+    patch_with_gevent()
     from .config import ConfigError
 
     if argv[:1] == ["update"]:

@@ -601,6 +601,10 @@ def release_memory_after_bursts(server: ProxyServer, stopping: Event) -> None:
             peak = connections
 
 
+#: Seconds after start-up when the objects of the loaded app leave garbage collection.
+FREEZE_DELAY = 1.0
+
+
 def freeze_startup_objects() -> None:
     """Keep the ~45k objects of the loaded app out of every later full garbage collection.
 
@@ -622,7 +626,8 @@ def serve(server: ProxyServer, on_stop=None) -> None:
     SIGHUP: edits reload through the config watcher only (see :mod:`clipal.platforms`).
     """
     return_large_buffers_to_the_os()
-    freeze_startup_objects()
+    # Not before the first request: the collection it starts with would delay the first answer.
+    gevent.spawn_later(FREEZE_DELAY, freeze_startup_objects)
     stopping = Event()
     gevent.spawn(release_memory_after_bursts, server, stopping)
 

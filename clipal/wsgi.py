@@ -27,7 +27,9 @@ from __future__ import annotations
 from gevent import monkey
 
 if not monkey.is_module_patched("socket"):  # imported outside a gevent worker
-    monkey.patch_all()
+    from .patch import patch_with_gevent
+
+    patch_with_gevent()
 
 import logging  # noqa: E402
 from typing import Any, Callable, Iterable  # noqa: E402

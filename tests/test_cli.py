@@ -98,6 +98,38 @@ def test_version(runner, tmp_path):
     assert not (tmp_path / ".clipal").exists()  # --version reads and writes nothing
 
 
+def test_version_imports_none_of_the_server(tmp_path):
+    """--version answers at once: gevent, Flask and requests are never imported for it."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "clipal", "--version"],
+                            env=base_env(tmp_path), capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    imported = set(re.findall(r"\|\s*([\w.]+)$", result.stderr, re.M))
+    assert "clipal.cli" in imported  # the -X importtime report is there to read
+    assert not imported & {"gevent", "flask", "requests", "yaml", "clipal.config"}
+
+
+def test_patching_reads_entry_points_once_and_restores_the_lookup():
+    """gevent's patch announcements are answered from one reading; the real lookup is put back."""
+    code = """if True:
+        from importlib import metadata
+        real = metadata.entry_points
+        calls = []
+        def counting(**selection):
+            calls.append(selection)
+            return real(**selection)
+        metadata.entry_points = counting
+        from clipal.patch import patch_with_gevent
+        patch_with_gevent()
+        import socket, gevent.socket
+        assert socket.socket is gevent.socket.socket, "sockets are not patched"
+        assert metadata.entry_points is counting, "the lookup was not restored"
+        print(len(calls))
+    """
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"  # gevent alone looks them up ~25 times
+
+
 # --- bad configuration: exit 1, one line ---------------------------------------------------------
 
 GOOD = {"name": "x", "base_url": "https://api.example.com", "api_key": "sk-x-0123456789"}
