@@ -21,6 +21,7 @@ Tokens are compared in constant time. Nothing here does I/O.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 from collections.abc import Iterable, Sequence
@@ -110,6 +111,7 @@ def _matching_token(tokens: Sequence[AccessToken], credentials: Sequence[str]) -
     return found
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every request, of the few addresses a machine's peers have
 def is_loopback_address(address: str) -> bool:
     """127.0.0.0/8, ::1 and ::ffff:127.x; an empty address is a Unix socket, on this machine too."""
     if not address:

@@ -128,7 +128,12 @@ class Provider:
 
     def key_id(self, index: int) -> str:
         """A short name for key ``index`` (0-based) that never shows its value: a SHA-256 prefix."""
-        return _sha256(self.api_keys[index])[:KEY_ID_LENGTH]
+        return self._key_ids[index]
+
+    @functools.cached_property
+    def _key_ids(self) -> tuple[str, ...]:
+        # Asked on every request's walk: hashed once per configuration, not once per request.
+        return tuple(_sha256(key)[:KEY_ID_LENGTH] for key in self.api_keys)
 
 
 # --- durations --------------------------------------------------------------

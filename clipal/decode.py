@@ -47,6 +47,8 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # form valid headers and would mistake plain text for zlib.
 _ZLIB_FIRST_BYTE = 0x78
 _SNIFFED_PREFIXES = (_GZIP_MAGIC, _ZSTD_MAGIC, bytes([_ZLIB_FIRST_BYTE]))
+#: A body starting with none of these cannot be sniffed as encoded, however it goes on.
+_SNIFFED_FIRST_BYTES = tuple(prefix[:1] for prefix in _SNIFFED_PREFIXES)
 
 _GZIP_WBITS = 31  # zlib's wbits for a gzip wrapper
 _ZLIB_WBITS = 15
@@ -278,6 +280,8 @@ def decoded(data: bytes, content_encoding: str = "", limit: int = LIMIT) -> byte
     ``content_encoding`` is the response's Content-Encoding header ("" when
     it has none); see the module docstring for how the coding is chosen.
     """
+    if not content_encoding and len(data) <= limit and not data.startswith(_SNIFFED_FIRST_BYTES):
+        return data  # what the sniffing decoder would answer, without building one: most bodies are plain
     decoder = Decoder(content_encoding, limit)
     body = decoder.feed(data)
     rest = decoder.end()

@@ -14,7 +14,7 @@ they arrive.
 Bytes are read with urllib3's ``read1(decode_content=False)``: it returns
 whatever has arrived (one recv) instead of waiting to fill a buffer, it
 removes chunked framing but never content encoding, so a gzip body stays
-gzip. Every wait on the upstream is bounded by its own ``gevent.Timeout``.
+gzip. Every wait on the upstream is bounded by the whole idle timeout (:class:`IdleTimer`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Iterator, Mapping
 
 import gevent
 import requests
+from gevent import getcurrent
 import urllib3.exceptions
 
 from .classify import FAILOVER_STATUSES, Kind
@@ -73,38 +74,73 @@ class Ready:
     first: bytes
     event: bytes | None
     response: requests.Response
+    #: bounds the reads of the rest of the body, as it bounded those before the commit point
+    timer: IdleTimer
 
     def close(self) -> None:
         self.response.close()
+        self.timer.close()
 
 
-def _bounded(timeout: float) -> gevent.Timeout:
-    """One wait on the upstream, bounded by the idle timeout (``0``: no limit).
+class IdleTimer:
+    """Bounds each wait on the upstream by the whole idle timeout (``0``: no limit).
 
-    Always a new Timeout: one cancelled and started again would resume with
-    the time it had left, not the whole timeout.
+    One per attempt, re-armed for every read: ``with timer: read()``. A
+    stream reads once per event, and a ``gevent.Timeout`` per read (a Python
+    object and a libev timer made and freed each time) cost more than the
+    rest of relaying a small event. libev's ``ev_timer_again`` restarts a
+    repeating timer at its whole repeat from now; a timer stopped and started
+    again would instead resume with what it had left, and cut a steady
+    stream one timeout after its start.
     """
-    return gevent.Timeout(timeout or None, UpstreamIdle)
+
+    __slots__ = ("_timer", "_waiting")
+
+    def __init__(self, timeout: float) -> None:
+        self._timer = gevent.get_hub().loop.timer(timeout, timeout) if timeout else None
+        self._waiting = None
+
+    def __enter__(self) -> None:
+        if self._timer is not None:
+            self._waiting = getcurrent()
+            self._timer.again(self._expired)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+            self._waiting = None
+
+    def _expired(self) -> None:  # runs in the hub, while the reading greenlet waits
+        waiting, self._waiting = self._waiting, None
+        self._timer.stop()
+        if waiting is not None:
+            waiting.throw(UpstreamIdle())
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer.close()
+            self._timer = None
 
 
-def _read_some(response: requests.Response, timeout: float) -> bytes:
+def _read_some(response: requests.Response, timer: IdleTimer) -> bytes:
     """The next bytes of the raw (still encoded) body; ``b""`` at its end."""
-    with _bounded(timeout):
+    with timer:
         return response.raw.read1(READ_SIZE, decode_content=False) or b""
 
 
-def _read_up_to(response: requests.Response, limit: int, timeout: float) -> bytes:
+def _read_up_to(response: requests.Response, limit: int, timer: IdleTimer) -> bytes:
     """Read until EOF or ``limit`` bytes."""
     buffer = bytearray()
     while len(buffer) < limit:
-        data = _read_some(response, timeout)
+        data = _read_some(response, timer)
         if not data:
             break
         buffer += data
     return bytes(buffer)
 
 
-def _read_first_event(response: requests.Response, timeout: float, received: bytes = b"") -> tuple[bytes, bytes]:
+def _read_first_event(response: requests.Response, timer: IdleTimer, received: bytes = b"") -> tuple[bytes, bytes]:
     """An SSE stream up to the end of its first event: the bytes as received, and decoded.
 
     The client gets the received bytes unchanged; the event is looked for in
@@ -121,7 +157,7 @@ def _read_first_event(response: requests.Response, timeout: float, received: byt
             return received, bytes(plain)
     received = bytearray(received)
     while len(received) < FIRST_EVENT_LIMIT:
-        data = _read_some(response, timeout)
+        data = _read_some(response, timer)
         if not data:  # EOF: the decoder may still hold the few bytes it was sniffing
             plain += decoder.end() or b""
             break
@@ -154,47 +190,60 @@ def send(session: requests.Session, request: UpstreamRequest, body: bytes, idle_
     The caller owns the returned response and must close it on every path.
     """
     connect = min(CONNECT_TIMEOUT, idle_timeout) if idle_timeout else CONNECT_TIMEOUT
+    timer = IdleTimer(idle_timeout)
     try:
         adapter = session.get_adapter(request.url)
         prepared = prepare(request, body)
-        with _bounded(idle_timeout):
+        with timer:
             response = adapter.send(prepared, stream=True, timeout=(connect, None),
                                     proxies=proxies_for(request.url))
-    except UpstreamIdle:
-        raise NetworkFailure(f"no response headers within {format_duration(idle_timeout)}", Kind.TIMEOUT) from None
-    except requests.exceptions.ConnectTimeout:
-        raise NetworkFailure("connect timeout") from None
-    except requests.exceptions.ConnectionError as exc:
-        if any(getattr(error, "errno", None) in NO_FILE_DESCRIPTORS for error in causes(exc)):
-            raise OutOfFileDescriptors(describe_error(exc)) from None  # clipal's shortage, not the provider's
-        raise NetworkFailure(refused_head(exc) or f"connection failed: {describe_error(exc)}") from None
-    except requests.exceptions.RequestException as exc:
-        raise NetworkFailure(f"request failed: {describe_error(exc)}") from None
+    except BaseException as exc:
+        timer.close()
+        failure = _network_failure(exc, idle_timeout)
+        if failure is exc:
+            raise
+        raise failure from None
 
     try:
-        return _to_commit_point(request.method, response, idle_timeout)
+        return _to_commit_point(request.method, response, timer, idle_timeout)
     except BaseException:
         response.close()
+        timer.close()
         raise
 
 
-def _to_commit_point(method: str, response: requests.Response, idle_timeout: float) -> Ready:
+def _network_failure(exc: BaseException, idle_timeout: float) -> BaseException:
+    """What a failure to get the response head means for the attempt (the exception itself if nothing)."""
+    if isinstance(exc, UpstreamIdle):
+        return NetworkFailure(f"no response headers within {format_duration(idle_timeout)}", Kind.TIMEOUT)
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return NetworkFailure("connect timeout")
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        if any(getattr(error, "errno", None) in NO_FILE_DESCRIPTORS for error in causes(exc)):
+            return OutOfFileDescriptors(describe_error(exc))  # clipal's shortage, not the provider's
+        return NetworkFailure(refused_head(exc) or f"connection failed: {describe_error(exc)}")
+    if isinstance(exc, requests.exceptions.RequestException):
+        return NetworkFailure(f"request failed: {describe_error(exc)}")
+    return exc
+
+
+def _to_commit_point(method: str, response: requests.Response, timer: IdleTimer, idle_timeout: float) -> Ready:
     status = response.status_code
     event: bytes | None = None
     try:
         if status in FAILOVER_STATUSES:  # the verdict may depend on the body or its retry hint
-            first = _read_up_to(response, ERROR_BODY_LIMIT, idle_timeout)
+            first = _read_up_to(response, ERROR_BODY_LIMIT, timer)
         elif _known_empty(method, status, response):
             first = b""
         elif 200 <= status < 300 and _is_event_stream(response):
-            first, event = _read_first_event(response, idle_timeout)
+            first, event = _read_first_event(response, timer)
         else:
-            first = _read_some(response, idle_timeout)
+            first = _read_some(response, timer)
             if 200 <= status < 300 and first and looks_like_sse(
                     response.headers.get("Content-Type", ""),
                     decoded(first, response.headers.get("Content-Encoding", "")) or first):
                 # An event stream under another Content-Type: its first event is judged all the same.
-                first, event = _read_first_event(response, idle_timeout, first)
+                first, event = _read_first_event(response, timer, first)
     except UpstreamIdle:
         raise NetworkFailure(f"no body bytes within {format_duration(idle_timeout)} (HTTP {status})",
                              Kind.TIMEOUT) from None
@@ -203,25 +252,20 @@ def _to_commit_point(method: str, response: requests.Response, idle_timeout: flo
 
     headers = end_to_end(list(response.raw.headers.items()))
     return Ready(status=status, reason=response.reason or "", headers=headers, upstream_headers=response.headers,
-                 first=first, event=event, response=response)
+                 first=first, event=event, response=response, timer=timer)
 
 
-def stream_rest(ready: Ready, idle_timeout: float) -> Iterator[bytes]:
+def stream_rest(ready: Ready) -> Iterator[bytes]:
     """The rest of the body, chunk by chunk as it arrives.
 
     Raises :class:`UpstreamIdle` on a stall and ``OSError``/urllib3 errors
     when the upstream breaks; on a clean end the connection goes back to the
     pool for reuse.
     """
-    response = ready.response
+    response, timer = ready.response, ready.timer
     read1 = response.raw.read1
     while True:
-        # A fresh timer for every read: the idle timeout bounds each wait,
-        # never the whole stream. A gevent Timeout that is cancelled and
-        # started again does not restart its clock: libev keeps only what was
-        # left of it, so a re-armed timer cut every stream at one timeout
-        # after its start, however steadily the upstream was sending.
-        with _bounded(idle_timeout):
+        with timer:  # each wait gets the whole idle timeout, never what the last one left
             data = read1(READ_SIZE, decode_content=False)
         if not data:
             response.raw.release_conn()

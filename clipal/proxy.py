@@ -373,7 +373,7 @@ class _Relay:
                 if check is not None:
                     check.feed(ready.first)
                 yield ready.first
-            rest = forward.stream_rest(ready, self.idle_timeout)
+            rest = forward.stream_rest(ready)
             while True:
                 with self.watch.guard():
                     chunk = next(rest, None)

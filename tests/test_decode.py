@@ -232,3 +232,13 @@ def test_the_decoder_limit_counts_everything_it_produced():
     decoder = Decoder("zstd", limit=1000)
     assert decoder.feed(chunks[0]) == b"a" * 600
     assert decoder.feed(chunks[1]) is None
+
+
+@pytest.mark.parametrize("data", [b"", b"{}", b'{"error": {"type": "overloaded"}}', b"data: {}\n\n", b"\x1f", b"\x28\xb5",
+                                  b"x" * 10, b"<html>", b"\x1f\x8bnot really", b"\x78\x9c", bytes(range(256))])
+@pytest.mark.parametrize("limit", [4, LIMIT])
+def test_the_unencoded_shortcut_answers_as_the_sniffing_decoder_does(data, limit):
+    decoder = Decoder("", limit)
+    body, rest = decoder.feed(data), decoder.end()
+    expected = None if body is None or rest is None else body + rest
+    assert decoded(data, "", limit) == expected

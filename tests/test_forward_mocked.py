@@ -42,7 +42,7 @@ def judged(ready: forward.Ready):
 
 def whole_body(ready: forward.Ready) -> bytes:
     try:
-        return ready.first + b"".join(forward.stream_rest(ready, 5.0))
+        return ready.first + b"".join(forward.stream_rest(ready))
     finally:
         ready.close()
 
