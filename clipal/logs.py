@@ -403,7 +403,13 @@ class _ClientAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 def get_logger(client: str | None = None) -> logging.LoggerAdapter:  # type: ignore[type-arg]
     """The clipal logger; lines carry ``[client]`` when a client name is given."""
-    return _ClientAdapter(_logger, {"client": client} if client else {})
+    adapter = _adapters.get(client)
+    if adapter is None:  # one per client name, made once: every request asks for its client's
+        adapter = _adapters[client] = _ClientAdapter(_logger, {"client": client} if client else {})
+    return adapter
+
+
+_adapters: dict[str | None, logging.LoggerAdapter] = {}  # type: ignore[type-arg]
 
 
 def _owned_handlers() -> list[logging.Handler]:

@@ -236,8 +236,9 @@ def _attempts(client: ClientKind, environ: dict, snapshot: Snapshot, session: re
                 key=provider.api_keys[attempt.key], client=client, remote_addr=environ.get("REMOTE_ADDR", ""),
                 scheme=environ.get("wsgi.url_scheme", "http"),
             )
-            log.debug("attempt via %s%s: %s %s", provider.name, f" ({attempt.key_label})" if attempt.key_label else "",
-                      method, request.url.split("?", 1)[0])
+            if log.isEnabledFor(logging.DEBUG):  # its arguments cost more than the check
+                log.debug("attempt via %s%s: %s %s", provider.name,
+                          f" ({attempt.key_label})" if attempt.key_label else "", method, request.url.split("?", 1)[0])
             meter.sending()
             try:
                 with watch.guard():
