@@ -33,7 +33,7 @@ from .completion import looks_like_sse
 from .decode import Decoder, decoded
 from .outbound import UpstreamRequest, end_to_end
 from .frontdoor import NO_FILE_DESCRIPTORS, OutOfFileDescriptors
-from .transport import causes, describe_error, prepare, proxies_for, refused_head
+from .transport import body_reader, causes, describe_error, prepare, proxies_for, refused_head
 
 #: Largest read handed to the client at once; smaller reads return as soon as bytes arrive.
 READ_SIZE = 64 * 1024
@@ -263,10 +263,10 @@ def stream_rest(ready: Ready) -> Iterator[bytes]:
     pool for reuse.
     """
     response, timer = ready.response, ready.timer
-    read1 = response.raw.read1
+    read1 = body_reader(response)
     while True:
         with timer:  # each wait gets the whole idle timeout, never what the last one left
-            data = read1(READ_SIZE, decode_content=False)
+            data = read1(READ_SIZE)
         if not data:
             response.raw.release_conn()
             return

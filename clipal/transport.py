@@ -19,9 +19,12 @@ requests/urllib3/socket error into a short line for the log.
 
 from __future__ import annotations
 
+import functools
+import http.client
 import select
 import socket
 import sys
+from typing import Callable
 
 import requests
 import urllib3.exceptions
@@ -274,6 +277,27 @@ def _as_mapping(headers: list[tuple[str, str]]) -> dict[str, str]:
             names[lower] = name
             merged[name] = value
     return merged
+
+
+def body_reader(response: requests.Response) -> Callable[[int], bytes]:
+    """``read1(n)`` for the rest of a streamed response's raw body: what has arrived, still encoded.
+
+    urllib3's ``read1(n, decode_content=False)``, except for a chunked body
+    read from a real connection: then http.client's own ``read1``, which
+    urllib3 would call underneath after a context manager and bookkeeping
+    that cost as much as the rest of relaying a small SSE event. Nothing is
+    lost by going around it there: http.client raises ``IncompleteRead`` for
+    a chunked body cut short (urllib3 adds that check only for Content-Length
+    bodies), urllib3 never buffers bytes it did not decode, and an error
+    still closes the connection, because the caller closes the response on
+    any error (urllib3's ``close`` closes its connection).
+    """
+    raw = response.raw
+    fp = getattr(raw, "_fp", None)
+    if getattr(raw, "chunked", False) and isinstance(fp, http.client.HTTPResponse) and fp.chunked \
+            and not getattr(raw, "_has_decoded_content", True):
+        return fp.read1
+    return functools.partial(raw.read1, decode_content=False)
 
 
 def causes(exc: BaseException) -> list[BaseException]:

@@ -2,7 +2,8 @@
 
 clipal.transport reimplements urllib3's connect loop (for IP literals),
 urllib3's liveness check and the request send (headers and a small body in
-one write); clipal.server reimplements pywsgi's response framing (headers and
+one write), and reads a chunked body with http.client's read1 instead of
+urllib3's (same bytes, same errors, the connection reused); clipal.server reimplements pywsgi's response framing (headers and
 a small first write in one send). Each test runs the library's own code and
 clipal's copy on the same inputs and compares what they produce: socket
 state, liveness answers, bytes on the wire. An upgrade of urllib3 or gevent
@@ -13,6 +14,7 @@ that changes the original makes these fail before it changes clipal's output.
 from __future__ import annotations
 
 import socket
+import threading
 
 import gevent
 import gevent.socket
@@ -179,3 +181,90 @@ def test_a_large_response_is_framed_identically_when_the_socket_buffer_fills():
     request = b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
     assert _served_bytes(server.ProxyHandler, app, request) == _served_bytes(WSGIHandler, app, request)
 
+
+
+# --------------------------------------------------------------------------- reading a chunked body
+
+
+def _canned_upstream(listener, answers: list[bytes]) -> threading.Thread:
+    """Answers each request on one connection with the next canned response (a thread: requests blocks)."""
+    def serve():
+        listener.settimeout(5)
+        peer, _ = listener.accept()
+        with peer:
+            peer.settimeout(5)
+            for answer in answers:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    more = peer.recv(65536)
+                    if not more:
+                        return
+                    request += more
+                peer.sendall(answer)
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+#: name -> (body, whether it is whole; a body cut short ends with the connection)
+CHUNKED_BODIES = {
+    "whole": (b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n", True),
+    "with-trailer": (b"4\r\nabcd\r\n0\r\nX-Trailer: 1\r\n\r\n", True),
+    "cut-mid-chunk": (b"9\r\ndata: 1\n\n\r\n20\r\nonly part", False),
+    "cut-in-size-line": (b"9\r\ndata: 1\n\n\r\n2", False),
+}
+
+
+def _read_rest(listener, name: str, use_body_reader: bool) -> tuple[bytes, str | None, bool]:
+    """What the rest of a streamed chunked answer reads as: bytes, the error described, connection reused."""
+    host, port = listener.getsockname()
+    body, whole = CHUNKED_BODIES[name]
+    answers = [CHUNKED_HEAD + body] + ([b"HTTP/1.1 204 No Content\r\n\r\n"] if whole else [])
+    upstream = _canned_upstream(listener, answers)
+    session = transport.new_session()
+    url = f"http://{host}:{port}/v1/stream"
+    response = session.get(url, stream=True, timeout=5)
+    sock = response.raw._connection.sock
+    read1 = transport.body_reader(response) if use_body_reader else \
+        (lambda n: response.raw.read1(n, decode_content=False))
+    received, error = b"", None
+    try:
+        while data := read1(64 * 1024):
+            received += data
+        response.raw.release_conn()
+    except Exception as exc:  # noqa: BLE001 - the error itself is what is compared
+        error = transport.describe_error(exc)
+        response.close()
+    reused = False
+    if error is None:
+        again = session.get(url, stream=True, timeout=5)
+        reused = again.status_code == 204 and again.raw._connection.sock is sock
+        again.close()
+    session.close()
+    upstream.join(5)
+    return received, error, reused
+
+
+@pytest.mark.parametrize("name", list(CHUNKED_BODIES))
+def test_a_chunked_body_reads_as_through_urllib3(listener, name):
+    ours = _read_rest(listener, name, use_body_reader=True)
+    theirs = _read_rest(listener, name, use_body_reader=False)
+    assert ours == theirs
+    whole = CHUNKED_BODIES[name][1]
+    assert (ours[1] is None) == whole and ours[2] == whole  # a whole body's connection is reused
+
+
+def test_the_shortcut_is_taken_only_for_a_chunked_body(listener):
+    host, port = listener.getsockname()
+    upstream = _canned_upstream(listener, [CHUNKED_HEAD + CHUNKED_BODIES["whole"][0],
+                                           b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"])
+    session = transport.new_session()
+    chunked = session.get(f"http://{host}:{port}/", stream=True, timeout=5)
+    assert transport.body_reader(chunked) == chunked.raw._fp.read1  # http.client's own
+    chunked.content
+    sized = session.get(f"http://{host}:{port}/", stream=True, timeout=5)
+    assert transport.body_reader(sized)(10) == b"ok"
+    assert not isinstance(transport.body_reader(sized), type(sized.raw._fp.read1))
+    session.close()
+    upstream.join(5)
