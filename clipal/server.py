@@ -471,6 +471,29 @@ class _ErrorLog:
         pass
 
 
+class ConnectionPool(Pool):
+    """The pool of connection handlers, which says when the open connections reach a burst.
+
+    :func:`release_memory_after_bursts` needs to know when a burst begins, and
+    sampling the count on a timer would wake the process all day long with
+    nothing open. Instead each connection's handler, as it joins the pool,
+    compares the count with :data:`BURST_CONNECTIONS`: one length and one
+    comparison per connection, and a call only at the burst's threshold while
+    someone is listening.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        #: Called when a connection brings the count to :data:`BURST_CONNECTIONS` or more;
+        #: the listener clears it while it follows a burst, so a burst calls it once.
+        self.on_burst: Callable[[], None] | None = None
+
+    def add(self, greenlet: gevent.Greenlet, blocking: bool = True, timeout: float | None = None) -> None:
+        Pool.add(self, greenlet, blocking, timeout)
+        if self.on_burst is not None and len(self.greenlets) >= BURST_CONNECTIONS:
+            self.on_burst()
+
+
 class ProxyServer(WSGIServer):
     """WSGIServer that can drain, caps its connections and survives running out of file descriptors.
 
@@ -484,7 +507,7 @@ class ProxyServer(WSGIServer):
     """
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("spawn", Pool(MAX_CONNECTIONS))
+        kwargs.setdefault("spawn", ConnectionPool(MAX_CONNECTIONS))
         super().__init__(*args, **kwargs)
         self.idle_sockets: set = set()
         self.draining = False
@@ -571,7 +594,7 @@ def return_large_buffers_to_the_os() -> None:
 
 #: A burst is at least this many open client connections; when it is over, free heap goes back.
 BURST_CONNECTIONS = 64
-#: How often the connection count is sampled for that.
+#: How often the connection count is sampled while a burst lasts.
 BURST_CHECK_INTERVAL = 0.25
 
 
@@ -584,21 +607,39 @@ def release_memory_after_bursts(server: ProxyServer, stopping: Event) -> None:
     free page, ~15 MB there, in under 2 ms, so it runs once when the number
     of open connections falls to a quarter of a burst's peak, never while
     the burst is going on. Elsewhere than glibc this does nothing.
+
+    Returns at once. The count is sampled only from the moment a burst
+    begins (the pool says so, see :class:`ConnectionPool`) until it is over:
+    between bursts nothing here is scheduled, so an idle clipal is not woken.
     """
     malloc = glibc_malloc()
     if malloc is None:
         return
     malloc_trim = malloc.malloc_trim
     pool = getattr(server, "pool", None)
-    if pool is None:
+    if not isinstance(pool, ConnectionPool):
         return
-    peak = 0
-    while not stopping.wait(BURST_CHECK_INTERVAL):
-        connections = len(pool)
-        peak = max(peak, connections)
-        if peak >= BURST_CONNECTIONS and connections <= peak // 4:
-            malloc_trim(0)
-            peak = connections
+
+    def follow_burst() -> None:
+        peak = len(pool)
+        try:
+            # Sampled rather than acted on at each close: the trim then never runs in the
+            # middle of a wave of closes, and the close path stays as it was.
+            while peak >= BURST_CONNECTIONS and not stopping.wait(BURST_CHECK_INTERVAL):
+                connections = len(pool)
+                peak = max(peak, connections)
+                if connections <= peak // 4:
+                    malloc_trim(0)
+                    peak = connections  # a burst still this large goes on being followed
+        finally:
+            if not stopping.is_set():
+                pool.on_burst = burst_began
+
+    def burst_began() -> None:
+        pool.on_burst = None  # one follower per burst; the connections after this one pay nothing
+        gevent.spawn(follow_burst)
+
+    pool.on_burst = burst_began
 
 
 #: Seconds after start-up when the objects of the loaded app leave garbage collection.
@@ -629,7 +670,7 @@ def serve(server: ProxyServer, on_stop=None) -> None:
     # Not before the first request: the collection it starts with would delay the first answer.
     gevent.spawn_later(FREEZE_DELAY, freeze_startup_objects)
     stopping = Event()
-    gevent.spawn(release_memory_after_bursts, server, stopping)
+    release_memory_after_bursts(server, stopping)
 
     def shutdown() -> None:
         if stopping.is_set():

@@ -11,7 +11,11 @@ event loop, whether or not the process is monkey-patched.
 Two ways to notice changes:
 
 * inotify watches the *directory*, not the files: editors replace a file by renaming a new
-  one over it, and a watch on the old inode would go silent after the first save.
+  one over it, and a watch on the old inode would go silent after the first save. It also
+  watches each directory on the way to it for the one name that leads on, so that the
+  directory being created, deleted, renamed or swapped for another (or a directory or symlink
+  above it) is an event too. At rest it then waits on the inotify descriptor alone, with no
+  timer: nothing wakes the process until something on that path changes.
 * polling stats each watched file every ``poll_interval`` and compares (device, inode, size,
   mtime). It is the fallback wherever inotify is missing or exhausted. Like any mtime-based
   poller it can miss a rewrite that keeps the size and lands within the same timestamp tick
@@ -27,9 +31,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 import gevent
 from gevent.socket import wait_read
@@ -59,6 +64,7 @@ IN_UNMOUNT = 0x00002000
 IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
+IN_MASK_ADD = 0x20000000
 
 # What happens to a file name in the directory. CLOSE_WRITE is the usual "a writer finished";
 # MODIFY also catches truncate(2) and writers that keep the file open (it fires mid-write,
@@ -70,6 +76,14 @@ _FILE_EVENTS = IN_CLOSE_WRITE | IN_MODIFY | IN_CREATE | IN_DELETE | IN_MOVED_TO 
 # IN_IGNORED and IN_UNMOUNT are always reported, whatever the mask.
 _DIR_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED
 _WATCH_MASK = _FILE_EVENTS | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+# In a directory on the way to the watched one, what can change where the path leads: the
+# next name created, deleted or renamed (rename-over included). MASK_ADD, because the same
+# directory can be on the way and be the watched one (a symlink back up the path), and a
+# plain add would narrow the watched directory's mask to these events.
+_PATH_EVENTS = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
+_PATH_MASK = _PATH_EVENTS | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_MASK_ADD
+#: Symlinks followed in one lookup before it counts as a loop (the kernel's MAXSYMLINKS).
+_MAX_SYMLINKS = 40
 
 #: Upper bound on how long a continuous burst can postpone the callback.
 MAX_LATENCY = 1.0
@@ -135,9 +149,12 @@ class DirectoryWatcher:
         self._stopping = False
         self._inotify: Optional["inotify_simple.INotify"] = None
         self._wd: Optional[int] = None  # None while the directory is not being watched
-        self._retry_watch_at = 0.0
         self._watched_id: Optional[Tuple[int, int]] = None  # (st_dev, st_ino) of the watched directory
-        self._check_dir_at = 0.0
+        # The directories on the way to the watched one: wd -> the names looked up in it.
+        self._path_wds: Dict[int, FrozenSet[str]] = {}
+        # When to look at the path again with no event to say so: None while every directory
+        # on the way is watched; a poll interval ahead while one is not (or a look failed).
+        self._resync_at: Optional[float] = None
         self._seen: Optional[_Snapshot] = None  # poll mode; None means "not known yet"
         self._first_change: Optional[float] = None  # start of the pending burst, if any
         self._last_change = 0.0
@@ -163,7 +180,7 @@ class DirectoryWatcher:
         else:
             self.mode_in_use = "inotify"
             try:
-                self._add_watch(time.monotonic(), announce=False)
+                self._resync(time.monotonic(), announce=False)
             except OSError as exc:  # e.g. EACCES: the greenlet retries and reports
                 self._warn(f"config watcher: cannot watch {self.directory}: {exc}")
         self._greenlet = gevent.spawn(self._run)
@@ -214,6 +231,8 @@ class DirectoryWatcher:
     def _use_polling(self, baseline: Optional[_Snapshot]) -> None:
         self._close_inotify()
         self._wd = None
+        self._path_wds = {}
+        self._resync_at = None
         self._seen = baseline
         self.mode_in_use = "poll"
 
@@ -244,16 +263,17 @@ class DirectoryWatcher:
     def _inotify_step(self) -> None:
         assert self._inotify is not None
         now = time.monotonic()
-        if self._wd is None and now >= self._retry_watch_at:
-            self._add_watch(now, announce=True)
+        if self._resync_at is not None and now >= self._resync_at:
+            self._resync(now)
             if self._inotify is None:  # hit the watch limit and fell back to polling
                 return
         self._wait_readable(self._timeout(now))
         events = self._inotify.read(timeout=0)  # non-blocking: whatever the kernel has queued
         now = time.monotonic()
-        self._handle_events(events, now)
-        if self._wd is not None and now >= self._check_dir_at:
-            self._check_directory(now)
+        if self._handle_events(events, now):
+            self._resync(now)
+            if self._inotify is None:
+                return
         fire_at = self._fire_at()
         if fire_at is not None and now >= fire_at:
             self._fire()
@@ -275,12 +295,9 @@ class DirectoryWatcher:
         gevent.sleep(max(0.0, wake - time.monotonic()))
 
     def _timeout(self, now: float) -> Optional[float]:
-        """How long the inotify step may wait for events before it has something to do."""
-        deadlines = [t for t in (self._fire_at(),) if t is not None]
-        if self._wd is None:
-            deadlines.append(self._retry_watch_at)
-        else:
-            deadlines.append(self._check_dir_at)
+        """How long the inotify step may wait for events before it has something to do;
+        None (no timer at all) when only an event can give it something."""
+        deadlines = [t for t in (self._fire_at(), self._resync_at) if t is not None]
         return max(0.0, min(deadlines) - now) if deadlines else None
 
     def _wait_readable(self, timeout: Optional[float]) -> None:
@@ -292,14 +309,99 @@ class DirectoryWatcher:
 
     # -- inotify -----------------------------------------------------------------------------
 
+    def _resync(self, now: float, *, announce: bool = True) -> None:
+        """Bring the watches in line with where the directory's path leads now.
+
+        Runs at start, when an event on the way says the path may lead elsewhere, and every
+        poll interval while some directory on the way cannot be watched. A directory that
+        has been deleted, or replaced by another, loses its watch and counts as a change;
+        one that is there and not watched yet gets one.
+        """
+        assert self._inotify is not None
+        self._resync_at = now + self.poll_interval  # stays if anything below fails
+        path_watched = self._watch_path()
+        if self._wd is not None and self._directory_id() != self._watched_id:
+            self._drop_directory_watch()
+            self._note_change(now)
+        if self._wd is None:
+            self._add_watch(now, announce=announce)
+            if self._inotify is None:
+                return
+        if path_watched:
+            self._resync_at = None
+
+    def _watch_path(self) -> bool:
+        """Watch each directory that a lookup of the directory's path goes through, for the
+        name looked up in it, following symlinks as the kernel does; unwatch those it no
+        longer goes through.
+
+        Each directory is watched before the name is looked up in it, so a change right
+        after the look is still an event. A directory that is deleted while something
+        holds it open (clipal's own log file, a shell's working directory) sends no
+        IN_DELETE_SELF until that goes; the IN_DELETE of its name in the directory above
+        comes at once. True when every directory on the way is watched; False when one
+        could not be (permissions, the watch limit, a symlink loop), and then the caller
+        looks again every poll interval.
+        """
+        assert self._inotify is not None
+        watched: Dict[int, Set[str]] = {}
+        complete = True
+        # join() keeps an absolute path as it is; ".." is resolved below, after symlinks, as the kernel does
+        pending = _components(os.path.join(os.getcwd(), self.directory))
+        pending.reverse()  # a stack: the next name last
+        current = "/"
+        links = 0
+        while pending:
+            name = pending.pop()
+            if name == "..":
+                current = os.path.dirname(current)
+                continue
+            try:
+                wd = self._inotify.add_watch(current, _PATH_MASK)
+            except (FileNotFoundError, NotADirectoryError):
+                break  # gone or replaced since it was looked up: the watch above has the event
+            except OSError as exc:  # EACCES, ENOSPC: look again every poll interval
+                self._warn(f"config watcher: cannot watch {current} ({exc}); "
+                           f"looking at {self.directory} every {self.poll_interval:g}s")
+                complete = False
+                break
+            watched.setdefault(wd, set()).add(name)
+            path = os.path.join(current, name)
+            try:
+                st = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                break  # not there (yet): its arrival is an event of the watch just taken
+            except OSError:
+                complete = False
+                break
+            if not stat.S_ISLNK(st.st_mode):
+                current = path
+                continue
+            links += 1
+            try:
+                target = os.readlink(path)
+            except OSError:
+                complete = False
+                break
+            if links > _MAX_SYMLINKS:
+                complete = False
+                break
+            if target.startswith("/"):
+                current = "/"
+            pending.extend(reversed(_components(target)))
+        for wd in self._path_wds.keys() - watched.keys():
+            if wd != self._wd:  # the watched directory was also on the way; its watch stays
+                self._remove_watch(wd)
+        self._path_wds = {wd: frozenset(names) for wd, names in watched.items()}
+        return complete
+
     def _add_watch(self, now: float, *, announce: bool) -> None:
-        """Watch the directory if it exists; else arrange to try again in a poll interval.
+        """Watch the directory if it exists (its arrival is an event on the path's watches).
 
         With ``announce``, a directory that (re)appears already holding watched files counts
         as a change: they arrived while nothing was watching, so no event will say so.
         """
         assert self._inotify is not None
-        self._retry_watch_at = now + self.poll_interval
         try:
             self._wd = self._inotify.add_watch(self.directory, _WATCH_MASK)
         except (FileNotFoundError, NotADirectoryError):
@@ -316,9 +418,19 @@ class DirectoryWatcher:
                 self._use_polling(self._snapshot_or_unknown())
             return
         self._watched_id = self._directory_id()
-        self._check_dir_at = now + self.poll_interval
         if announce and self._any_watched_file():
             self._note_change(now)
+
+    def _drop_directory_watch(self) -> None:
+        wd, self._wd = self._wd, None
+        if wd is not None and wd not in self._path_wds:
+            self._remove_watch(wd)
+
+    def _remove_watch(self, wd: int) -> None:
+        try:
+            self._inotify.rm_watch(wd)  # type: ignore[union-attr]
+        except OSError:
+            pass  # already gone with its directory
 
     def _directory_id(self) -> Optional[Tuple[int, int]]:
         """(device, inode) of the directory now; None when it is gone, the watched one's
@@ -331,46 +443,30 @@ class DirectoryWatcher:
             return self._watched_id
         return (st.st_dev, st.st_ino)
 
-    def _check_directory(self, now: float) -> None:
-        """Drop the watch when the directory was deleted or replaced without an event.
-
-        The kernel sends IN_DELETE_SELF only when the last reference to a deleted
-        directory goes; anything still open inside it (clipal's own log file under the
-        default log_dir, a shell's working directory) keeps it alive, and the watch would
-        sit on a dead directory forever. So the directory's identity is checked every
-        poll interval: one stat.
-        """
-        self._check_dir_at = now + self.poll_interval
-        if self._directory_id() == self._watched_id:
-            return
-        try:
-            self._inotify.rm_watch(self._wd)  # type: ignore[union-attr]
-        except OSError:
-            pass
-        self._wd = None
-        self._retry_watch_at = now
-        self._note_change(now)
-
-    def _handle_events(self, events: Iterable["inotify_simple.Event"], now: float) -> None:
+    def _handle_events(self, events: Iterable["inotify_simple.Event"], now: float) -> bool:
+        """Note the changes the events say; True when the path may lead elsewhere now."""
+        path_changed = False
         for event in events:
+            names = self._path_wds.get(event.wd)
+            if names is not None and (event.name in names or event.mask & _DIR_GONE):
+                path_changed = True
             if event.mask & IN_Q_OVERFLOW:
-                # The kernel dropped events: anything may have changed.
+                # The kernel dropped events: anything may have changed, the path too.
                 self._note_change(now)
+                path_changed = True
             elif self._wd is None or event.wd != self._wd:
                 continue  # left over from a watch that was already dropped
             elif event.mask & _DIR_GONE:
                 if event.mask & IN_MOVE_SELF:
                     # A renamed directory keeps its watch (and would keep reporting from its
                     # new place); drop it. Its IN_IGNORED then arrives with a stale wd.
-                    try:
-                        self._inotify.rm_watch(event.wd)  # type: ignore[union-attr]
-                    except OSError:
-                        pass
+                    self._drop_directory_watch()
                 self._wd = None
-                self._retry_watch_at = now
                 self._note_change(now)
+                path_changed = True  # whatever is at the path now gets the watch
             elif event.mask & _FILE_EVENTS and event.name in self.filenames:
                 self._note_change(now)
+        return path_changed
 
     def _any_watched_file(self) -> bool:
         for name in self.filenames:
@@ -437,3 +533,8 @@ class DirectoryWatcher:
             return
         self._last_warning = (message, now)
         log.warning("%s", message, exc_info=exc_info)
+
+
+def _components(path: str) -> List[str]:
+    """The names of a path, in order; "." and empty ones (from "//") mean nothing."""
+    return [name for name in path.split("/") if name not in ("", ".")]

@@ -373,7 +373,9 @@ def test_deleting_every_file_falls_back_to_defaults_and_recreating_applies(clipa
     # deleted directory alive in the kernel), then comes back with a file in it.
     shutil.rmtree(config_dir)
     time.sleep(0.2)
-    config_dir.mkdir()
+    # The watcher sees the directory go at once, and the reload that follows may already have
+    # made it again for the log directory inside it (the log file was deleted too).
+    config_dir.mkdir(exist_ok=True)
     write_yaml(config_dir / "codex.yaml", {"providers": [provider("B", b)]})
     wait_until(lambda: served_by(proxy) == "B", f"directory recreated [{mode}]", proxy)
     # Logging goes on in a new file at the same place, not into the deleted one.

@@ -203,18 +203,21 @@ def test_directory_deleted_and_recreated(mode, conf, start):
     assert wait_until(rec.last_is("v: 7\n"))
 
 
-def inotify_watch_count() -> int:
-    """Watches held by this process's inotify descriptors, as the kernel reports them."""
-    count = 0
+def inotify_watched_inodes() -> List[int]:
+    """The inode of each watch held by this process's inotify descriptors, as the kernel reports them."""
+    inodes: List[int] = []
     for fd in os.listdir("/proc/self/fd"):
         try:
             if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
                 continue
             with open(f"/proc/self/fdinfo/{fd}") as info:
-                count += sum(line.startswith("inotify wd:") for line in info)
+                for line in info:
+                    if line.startswith("inotify wd:"):
+                        fields = dict(field.split(":", 1) for field in line.split()[1:])
+                        inodes.append(int(fields["ino"], 16))
         except OSError:
             continue
-    return count
+    return inodes
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -233,7 +236,9 @@ def test_directory_swapped_for_a_full_one(mode, conf, tmp_path, start):
     assert wait_until(rec.last_is("v: 9\n"))
     assert "stale" not in rec.seen
     if mode == "inotify":
-        assert inotify_watch_count() == 1  # the renamed-away directory's watch was dropped
+        watched = inotify_watched_inodes()
+        assert os.stat(tmp_path / "old").st_ino not in watched  # the renamed-away directory's watch was dropped
+        assert watched.count(os.stat(conf).st_ino) == 1
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -454,3 +459,148 @@ def test_watch_limit_when_the_directory_returns_means_polling(conf, tmp_path, st
     assert watcher.mode_in_use == "poll"
     (conf / "config.yaml").write_text("v: 25\n")
     assert wait_until(rec.last_is("v: 25\n"))
+
+
+# -- at rest, and the path to the directory (inotify) ---------------------------------------------
+# With a poll interval of a minute, anything noticed below within seconds came from an event.
+AT_REST = {"poll_interval": 60.0}
+
+
+class CountingStat:
+    """os.stat and os.lstat, counting the calls the watcher makes under ``root``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+        self.calls: List[str] = []
+        self.root = str(root)
+        for name in ("stat", "lstat"):
+            real = getattr(os, name)
+            monkeypatch.setattr(os, name, self._counting(real))
+
+    def _counting(self, real: Callable) -> Callable:
+        def counted(path, *args, **kwargs):
+            if str(path).startswith(self.root):
+                self.calls.append(str(path))
+            return real(path, *args, **kwargs)
+        return counted
+
+
+def test_inotify_at_rest_looks_at_nothing(conf, tmp_path, start, monkeypatch):
+    counter = CountingStat(monkeypatch, tmp_path)
+    watcher, rec = start("inotify")  # FAST: a poll interval of 0.03 s
+    assert watcher.mode_in_use == "inotify"
+    counter.calls.clear()
+    gevent.sleep(0.3)  # ten poll intervals
+    assert counter.calls == []  # neither the directory nor the files were looked at
+    (conf / "config.yaml").write_text("v: 30\n")
+    assert wait_until(rec.last_is("v: 30\n"))
+    assert counter.calls == []  # an edit inside needs no look at the path either
+
+
+@pytest.mark.parametrize("held", ["held open", "not held"])
+def test_directory_deleted_and_recreated_is_an_event(held, conf, start):
+    """rmdir of a directory still held open sends no IN_DELETE_SELF; the name's IN_DELETE above it says it."""
+    _, rec = start("inotify", **AT_REST)
+    fd = os.open(conf, os.O_RDONLY) if held == "held open" else None
+    try:
+        for name in os.listdir(conf):
+            os.unlink(conf / name)
+        conf.rmdir()
+        assert wait_until(rec.last_is(None))
+        conf.mkdir()
+        (conf / "config.yaml").write_text("v: 31\n")
+        assert wait_until(rec.last_is("v: 31\n"))
+        (conf / "config.yaml").write_text("v: 32\n")  # and the new directory is the one watched
+        assert wait_until(rec.last_is("v: 32\n"))
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def test_directory_swapped_or_created_later_is_an_event(tmp_path, start):
+    conf = tmp_path / "conf"
+    _, rec = start("inotify", **AT_REST)
+    gevent.sleep(0.05)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "config.yaml").write_text("v: 33\n")
+    os.rename(staging, conf)
+    assert wait_until(rec.last_is("v: 33\n"))
+    staging.mkdir()
+    (staging / "config.yaml").write_text("v: 34\n")
+    os.rename(conf, tmp_path / "old")
+    os.rename(staging, conf)
+    assert wait_until(rec.last_is("v: 34\n"))
+
+
+def test_a_directory_above_renamed_or_created_later_is_an_event(tmp_path, start):
+    directory = tmp_path / "a" / "b" / "conf"
+    _, rec = start("inotify", directory=directory, **AT_REST)
+    gevent.sleep(0.05)
+    directory.mkdir(parents=True)  # two missing directories above it, then it
+    (directory / "config.yaml").write_text("v: 35\n")
+    assert wait_until(rec.last_is("v: 35\n"))
+    os.rename(tmp_path / "a", tmp_path / "moved")  # the path now leads nowhere
+    assert wait_until(rec.last_is(None))
+    (tmp_path / "moved" / "b" / "conf" / "config.yaml").write_text("stale")
+    directory.mkdir(parents=True)
+    (directory / "config.yaml").write_text("v: 36\n")
+    assert wait_until(rec.last_is("v: 36\n"))
+    assert "stale" not in rec.seen
+
+
+def test_a_symlink_on_the_way_re_pointed_is_an_event(tmp_path, start):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for directory, version in ((first, 37), (second, 38)):
+        directory.mkdir()
+        (directory / "config.yaml").write_text(f"v: {version}\n")
+    link = tmp_path / "link"
+    link.symlink_to("first")
+    _, rec = start("inotify", directory=link / ".." / "link", **AT_REST)  # ".." after a symlink, too
+    gevent.sleep(0.05)
+    (tmp_path / "link.new").symlink_to(second)
+    os.replace(tmp_path / "link.new", link)  # ln -sfn: a new symlink renamed over the old
+    assert wait_until(rec.last_is("v: 38\n"))
+    (first / "config.yaml").write_text("stale")
+    (second / "config.yaml").write_text("v: 39\n")
+    assert wait_until(rec.last_is("v: 39\n"))
+    assert "stale" not in rec.seen
+
+
+def test_a_directory_above_that_cannot_be_watched_means_looking_every_poll_interval(
+        conf, tmp_path, start, monkeypatch, caplog):
+    real_add_watch = inotify_simple.INotify.add_watch
+
+    def refuse_above(self, path, mask):
+        if Path(path) != conf:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_add_watch(self, path, mask)
+
+    monkeypatch.setattr(inotify_simple.INotify, "add_watch", refuse_above)
+    counter = CountingStat(monkeypatch, tmp_path)
+    watcher, rec = start("inotify")
+    assert watcher.mode_in_use == "inotify"
+    assert any("config watcher: cannot watch /" in r.getMessage() for r in caplog.records)
+    assert wait_until(lambda: len(counter.calls) >= 3)  # looked at again and again
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "config.yaml").write_text("v: 40\n")
+    os.rename(conf, tmp_path / "old")
+    os.rename(staging, conf)
+    assert wait_until(rec.last_is("v: 40\n"))
+    (conf / "config.yaml").write_text("v: 41\n")
+    assert wait_until(rec.last_is("v: 41\n"))
+
+
+def test_a_symlink_loop_on_the_way_means_looking_every_poll_interval(tmp_path, start):
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    watcher, rec = start("inotify", directory=loop / "conf")
+    gevent.sleep(0.1)
+    assert watcher.mode_in_use == "inotify"
+    assert rec.calls == 0
+    loop.unlink()
+    (tmp_path / "staging").mkdir()
+    (tmp_path / "staging" / "conf").mkdir()
+    (tmp_path / "staging" / "conf" / "config.yaml").write_text("v: 42\n")
+    os.rename(tmp_path / "staging", loop)
+    assert wait_until(rec.last_is("v: 42\n"))
