@@ -26,6 +26,7 @@ import gevent
 import requests
 import urllib3.exceptions
 
+from .body import Payload, Replay
 from .classify import FAILOVER_STATUSES, Kind
 from .config import format_duration
 from .completion import looks_like_sse
@@ -76,6 +77,59 @@ class Ready:
 
     def close(self) -> None:
         self.response.close()
+
+
+class _UpstreamClock:
+    """The idle timeout over sending the request and waiting for its response headers.
+
+    Stopped while the next piece of a body still arriving is read from the
+    client: a slow client is bounded by the server's body read timeout, and
+    its slowness is never the provider's idle time. Each start is a new
+    timer with the whole timeout (see :func:`_bounded`).
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._timer: gevent.Timeout | None = None
+
+    def start(self) -> None:
+        self._timer = _bounded(self._timeout)
+        self._timer.start()
+
+    def stop(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.close()
+
+    def __enter__(self) -> _UpstreamClock:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+class _ClientPaced:
+    """A :class:`~clipal.body.Replay` whose waits on the client are left off the upstream's clock."""
+
+    def __init__(self, body: Replay, clock: _UpstreamClock) -> None:
+        self._body = body
+        self._clock = clock
+
+    def __len__(self) -> int:  # the announced length frames the request (transport.prepare)
+        return len(self._body)
+
+    def __iter__(self) -> Iterator[bytes]:
+        pieces = iter(self._body)
+        while True:
+            self._clock.stop()
+            try:
+                piece = next(pieces, None)
+            finally:
+                self._clock.start()
+            if piece is None:
+                return
+            yield piece
 
 
 def _bounded(timeout: float) -> gevent.Timeout:
@@ -148,16 +202,24 @@ def _is_event_stream(response: requests.Response) -> bool:
     return response.headers.get("Content-Type", "").lower().startswith("text/event-stream")
 
 
-def send(session: requests.Session, request: UpstreamRequest, body: bytes, idle_timeout: float) -> Ready:
+def send(session: requests.Session, request: UpstreamRequest, body: Payload, idle_timeout: float) -> Ready:
     """Run one attempt up to the commit point. Raises :class:`NetworkFailure`.
+
+    ``body`` is :meth:`clipal.body.Body.payload`: bytes, a file reader, or a
+    :class:`~clipal.body.Replay` that reads the client as it is sent. What
+    reading the client raises (:class:`~clipal.clientwatch.ClientGone`, the
+    server's refusal of the body, :class:`~clipal.body.NoRoomForBody`)
+    passes through unchanged, never as a NetworkFailure: it is not the
+    provider's. urllib3 then closes the half-sent connection rather than
+    pooling it (transport.prepare).
 
     The caller owns the returned response and must close it on every path.
     """
     connect = min(CONNECT_TIMEOUT, idle_timeout) if idle_timeout else CONNECT_TIMEOUT
     try:
         adapter = session.get_adapter(request.url)
-        prepared = prepare(request, body)
-        with _bounded(idle_timeout):
+        with _UpstreamClock(idle_timeout) as clock:
+            prepared = prepare(request, _ClientPaced(body, clock) if isinstance(body, Replay) else body)
             response = adapter.send(prepared, stream=True, timeout=(connect, None),
                                     proxies=proxies_for(request.url))
     except UpstreamIdle:
