@@ -17,6 +17,12 @@ file at the point where it no longer fits.
 :meth:`Body.close` gives the share back (or closes the file); it is
 idempotent, and the caller closes every body on every path.
 
+A long announced body (:func:`start_body`) is not read before the first
+attempt starts: :class:`ArrivingBody` reads it from the client as that attempt
+sends it, keeping every piece (in memory or in its file, by the same rules)
+so a later attempt replays it whole; what has not arrived by then is read
+from the client as the replay reaches it.
+
 Nothing here touches the network: the body is read from the WSGI input the
 server gives.
 """
@@ -27,14 +33,20 @@ import io
 import os
 import tempfile
 import threading
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from .clientwatch import ClientGone
 
-__all__ = ["BUDGET", "Body", "BodyReader", "BodyTooLarge", "MemoryBudget", "NoRoomForBody", "read_body"]
+__all__ = ["BUDGET", "ArrivingBody", "Body", "BodyReader", "BodyTooLarge", "MemoryBudget", "NoRoomForBody",
+           "Payload", "Replay", "read_body", "start_body"]
 
-#: Bytes read from the client at a time once a body goes to a file or has no announced length.
+#: Bytes read from the client at a time once a body goes to a file, has no announced length, or is
+#: forwarded as it arrives (each read is forwarded as soon as it is complete).
 READ_SIZE = 64 * 1024
+#: An announced body longer than this is forwarded while it arrives. A shorter one is on the socket
+#: whole by the time the app runs (one TCP window or so), is sent with the request headers in one
+#: write (transport.COALESCE_LIMIT), and would gain nothing.
+STREAM_THRESHOLD = 64 * 1024
 #: The total of request bodies held in memory at once; the process's share of RAM for them.
 MEMORY_BUDGET = 256 * 1024 * 1024
 #: For tests only: a smaller budget, so that a test can push bodies to files with small uploads.
@@ -145,7 +157,16 @@ class Body:
     def in_file(self) -> bool:
         return self._file is not None
 
-    def payload(self) -> bytes | BodyReader:
+    @property
+    def complete(self) -> bool:
+        """Whether all of the body has been read from the client (always, for a body read whole)."""
+        return True
+
+    def when_arrived(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the client has sent all of the body: now, for a body read whole."""
+        callback()
+
+    def payload(self) -> Payload:
         """What one attempt sends: the bytes, or a reader from the start of the file."""
         if self.data is not None:
             return self.data
@@ -167,6 +188,104 @@ class Body:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+class ArrivingBody(Body):
+    """An announced body forwarded while the client is still sending it.
+
+    Whoever iterates a :class:`Replay` reads the client: every piece read is
+    kept (in memory within the share reserved for the whole length, or
+    appended to the file) before it is handed on, so a later attempt sends
+    the same bytes from the start. Attempts run one after another in the
+    request's greenlet, so only one ever reads the client at a time. The
+    client's EOF before the announced length raises :class:`ClientGone`.
+    """
+
+    def __init__(self, read: Callable[[int], bytes], length: int, *, budget: MemoryBudget | None = None,
+                 spool: _Spool | None = None) -> None:
+        super().__init__(None, length, budget=budget, file=spool.file if spool is not None else None)
+        self.received = 0
+        self._read: Callable[[int], bytes] | None = read
+        self._spool = spool
+        self._pieces: list[bytes] = []  # in memory: the pieces as read, never joined (no second copy)
+        self._arrived: list[Callable[[], None]] = []
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.length
+
+    def when_arrived(self, callback: Callable[[], None]) -> None:
+        if self.complete:
+            callback()
+        else:
+            self._arrived.append(callback)
+
+    def payload(self) -> Replay:
+        if self._read is None:
+            raise ValueError("the request body was closed")
+        return Replay(self)
+
+    def kept(self, index: int, position: int) -> bytes:
+        """Piece ``index`` (in memory) or the bytes at ``position`` (in the file), of what has arrived."""
+        if self._read is None:
+            raise ValueError("the request body was closed")
+        if self._spool is None:
+            return self._pieces[index]
+        return os.pread(self._spool.file.fileno(), min(READ_SIZE, self.received - position), position)
+
+    def pull(self) -> bytes:
+        """The next piece from the client, kept before it is returned."""
+        read = self._read
+        if read is None:
+            raise ValueError("the request body was closed")
+        data = read(min(READ_SIZE, self.length - self.received))
+        if not data:
+            raise ClientGone()
+        if self._spool is None:
+            self._pieces.append(data)
+        else:
+            self._spool.write(data)
+            self._spool.flush()  # read back with pread, below the file object's buffer
+        self.received += len(data)
+        if self.complete:
+            callbacks, self._arrived = self._arrived, []
+            for callback in callbacks:
+                callback()
+        return data
+
+    def close(self) -> None:
+        self._read = None
+        self._pieces = []
+        self._arrived = []
+        super().close()
+
+
+class Replay:
+    """One attempt's sending of an :class:`ArrivingBody`: from its start, reading the client past what arrived.
+
+    An iterable of pieces, with no ``read`` and no buffer interface, so
+    urllib3 sends each piece as it comes (see :func:`clipal.transport.prepare`);
+    ``len()`` is the announced length, which frames the upstream request.
+    """
+
+    def __init__(self, body: ArrivingBody) -> None:
+        self._body = body
+
+    def __len__(self) -> int:
+        return self._body.length
+
+    def __iter__(self) -> Iterator[bytes]:
+        body = self._body
+        position = index = 0
+        while position < body.length:
+            piece = body.kept(index, position) if position < body.received else body.pull()
+            position += len(piece)
+            index += 1
+            yield piece
+
+
+#: What one attempt sends, as :meth:`Body.payload` gives it.
+Payload = bytes | BodyReader | Replay
 
 
 class NoRoomForBody(Exception):
@@ -193,11 +312,14 @@ class _Spool:
             raise NoRoomForBody(error) from None
         self.size += len(data)
 
-    def finish(self) -> Body:
+    def flush(self) -> None:
         try:
             self.file.flush()  # read back with pread, below the file object's buffer
         except OSError as error:
             raise NoRoomForBody(error) from None
+
+    def finish(self) -> Body:
+        self.flush()
         return Body(None, self.size, file=self.file)
 
     def discard(self) -> None:
@@ -216,6 +338,20 @@ def _reader(stream) -> Callable[[int], bytes]:
     return read
 
 
+def _announced_length(environ: dict, limit: int) -> int | None:
+    """The Content-Length, None without a usable one; :class:`BodyTooLarge` past ``limit``, before any read."""
+    length_header = environ.get("CONTENT_LENGTH")
+    if not length_header:
+        return None
+    try:
+        length = int(length_header)
+    except ValueError:
+        return None
+    if length > limit:
+        raise BodyTooLarge()
+    return length if length >= 0 else None
+
+
 def read_body(environ: dict, limit: int, *, budget: MemoryBudget | None = None) -> Body:
     """The whole request body, read once.
 
@@ -226,21 +362,35 @@ def read_body(environ: dict, limit: int, *, budget: MemoryBudget | None = None) 
     """
     budget = budget or BUDGET
     read = _reader(environ["wsgi.input"])
-    length_header = environ.get("CONTENT_LENGTH")
-    if length_header:
-        try:
-            length = int(length_header)
-        except ValueError:
-            length = -1
-        if length > limit:
-            raise BodyTooLarge()
-        if length == 0:
-            return Body(b"", 0)
-        if length > 0:
-            return _read_announced(read, length, budget)
+    length = _announced_length(environ, limit)
+    if length == 0:
+        return Body(b"", 0)
+    if length is not None:
+        return _read_announced(read, length, budget)
     if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         return Body(b"", 0)
     return _read_chunked(read, limit, budget)
+
+
+def start_body(environ: dict, limit: int, *, budget: MemoryBudget | None = None) -> Body:
+    """The request body as the attempts take it: read whole, or a long announced one still arriving.
+
+    A body over :data:`STREAM_THRESHOLD` with a Content-Length becomes an
+    :class:`ArrivingBody` without reading a byte (so ``Expect: 100-continue``
+    is still answered when the first attempt starts sending it): its whole
+    length is reserved from the budget now, or its temporary file opened
+    now, exactly as :func:`read_body` would. A chunked body is read whole as
+    before: its length is only known at its end, and the upstream request
+    is framed by that length. The errors are :func:`read_body`'s.
+    """
+    length = _announced_length(environ, limit)
+    if length is None or length <= STREAM_THRESHOLD:
+        return read_body(environ, limit, budget=budget)
+    budget = budget or BUDGET
+    read = _reader(environ["wsgi.input"])
+    if budget.reserve(length):
+        return ArrivingBody(read, length, budget=budget)
+    return ArrivingBody(read, length, spool=_Spool())
 
 
 def _read_announced(read: Callable[[int], bytes], length: int, budget: MemoryBudget) -> Body:

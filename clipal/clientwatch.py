@@ -6,7 +6,11 @@ provider and then spend another provider's quota on an answer nobody reads.
 :class:`ClientWatch` watches the client socket for readability with a gevent
 io watcher (no extra greenlet). After the request body has been read, an
 agent sends nothing more until the response ends, so a readable socket that
-yields EOF (or a reset) means the client has gone.
+yields EOF (or a reset) means the client has gone. While a body is still
+arriving the socket is readable with its bytes, so a watch made with
+``start=False`` starts only when the last of them has been read
+(:meth:`ClientWatch.start`); until then, reading the body is what notices a
+client that leaves.
 
 Inside :meth:`ClientWatch.guard`, that event raises :class:`ClientGone` in
 the waiting greenlet, interrupting whatever upstream wait it is blocked in.
@@ -42,20 +46,28 @@ def client_socket(environ: dict) -> socket.socket | None:
 
 
 class ClientWatch:
-    def __init__(self, sock: socket.socket | None) -> None:
+    def __init__(self, sock: socket.socket | None, *, start: bool = True) -> None:
         self.gone = False
         self._sock = sock
         self._watcher = None
         self._greenlet = None
         self._armed = False
-        if sock is not None:
-            try:
-                fileno = sock.fileno()
-            except OSError:
-                return
-            if fileno >= 0:
-                self._watcher = gevent.get_hub().loop.io(fileno, _READ)
-                self._watcher.start(self._on_readable)
+        self._stopped = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start watching, unless already watching or stopped."""
+        sock = self._sock
+        if sock is None or self._watcher is not None or self._stopped:
+            return
+        try:
+            fileno = sock.fileno()
+        except OSError:
+            return
+        if fileno >= 0:
+            self._watcher = gevent.get_hub().loop.io(fileno, _READ)
+            self._watcher.start(self._on_readable)
 
     def _on_readable(self) -> None:
         # Runs in the hub. Look without consuming: EOF or reset means gone;
@@ -95,6 +107,7 @@ class ClientWatch:
         self._greenlet = None
 
     def stop(self) -> None:
+        self._stopped = True
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher.close()

@@ -27,6 +27,7 @@ import requests
 from gevent import getcurrent
 import urllib3.exceptions
 
+from .body import Payload, Replay
 from .classify import FAILOVER_STATUSES, Kind
 from .config import format_duration
 from .completion import looks_like_sse
@@ -100,15 +101,22 @@ class IdleTimer:
         self._timer = gevent.get_hub().loop.timer(timeout, timeout) if timeout else None
         self._waiting = None
 
-    def __enter__(self) -> None:
+    def start(self) -> None:
+        """Arm it for one wait, with the whole timeout from now."""
         if self._timer is not None:
             self._waiting = getcurrent()
             self._timer.again(self._expired)
 
-    def __exit__(self, *exc_info: object) -> None:
+    def stop(self) -> None:
         if self._timer is not None:
             self._timer.stop()
             self._waiting = None
+
+    def __enter__(self) -> None:
+        self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def _expired(self) -> None:  # runs in the hub, while the reading greenlet waits
         waiting, self._waiting = self._waiting, None
@@ -121,6 +129,35 @@ class IdleTimer:
             self._timer.stop()
             self._timer.close()
             self._timer = None
+
+
+class _ClientPaced:
+    """A :class:`~clipal.body.Replay` whose waits on the client are left off the upstream's clock.
+
+    The timer is stopped while the next piece of a body still arriving is
+    read from the client: a slow client is bounded by the server's body read
+    timeout, and its slowness is never the provider's idle time. Each piece
+    sent starts the timer again with the whole timeout.
+    """
+
+    def __init__(self, body: Replay, timer: IdleTimer) -> None:
+        self._body = body
+        self._timer = timer
+
+    def __len__(self) -> int:  # the announced length frames the request (transport.prepare)
+        return len(self._body)
+
+    def __iter__(self) -> Iterator[bytes]:
+        pieces = iter(self._body)
+        while True:
+            self._timer.stop()
+            try:
+                piece = next(pieces, None)
+            finally:
+                self._timer.start()
+            if piece is None:
+                return
+            yield piece
 
 
 def _read_some(response: requests.Response, timer: IdleTimer) -> bytes:
@@ -184,8 +221,16 @@ def _is_event_stream(response: requests.Response) -> bool:
     return response.headers.get("Content-Type", "").lower().startswith("text/event-stream")
 
 
-def send(session: requests.Session, request: UpstreamRequest, body: bytes, idle_timeout: float) -> Ready:
+def send(session: requests.Session, request: UpstreamRequest, body: Payload, idle_timeout: float) -> Ready:
     """Run one attempt up to the commit point. Raises :class:`NetworkFailure`.
+
+    ``body`` is :meth:`clipal.body.Body.payload`: bytes, a file reader, or a
+    :class:`~clipal.body.Replay` that reads the client as it is sent. What
+    reading the client raises (:class:`~clipal.clientwatch.ClientGone`, the
+    server's refusal of the body, :class:`~clipal.body.NoRoomForBody`)
+    passes through unchanged, never as a NetworkFailure: it is not the
+    provider's. urllib3 then closes the half-sent connection rather than
+    pooling it (transport.prepare).
 
     The caller owns the returned response and must close it on every path.
     """
@@ -193,7 +238,7 @@ def send(session: requests.Session, request: UpstreamRequest, body: bytes, idle_
     timer = IdleTimer(idle_timeout)
     try:
         adapter = session.get_adapter(request.url)
-        prepared = prepare(request, body)
+        prepared = prepare(request, _ClientPaced(body, timer) if isinstance(body, Replay) else body)
         with timer:
             response = adapter.send(prepared, stream=True, timeout=(connect, None),
                                     proxies=proxies_for(request.url))

@@ -26,8 +26,8 @@ CREDENTIAL_QUERY_PARAMS = ("key", "api_key")
 
 #: Headers clipal sets itself on the upstream request.
 _REPLACED = frozenset({"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
-#: Expectations clipal's server has met itself: by the time a request is forwarded its whole
-#: body has been read, so an upstream asked to confirm it wants the body would only add a wait.
+#: Expectations clipal's server meets itself: it answers 100 Continue when clipal starts reading
+#: the body, before or while forwarding it, so an upstream asked to confirm would only add a wait.
 _ANSWERED = frozenset({"expect"})
 
 Headers = list[tuple[str, str]]

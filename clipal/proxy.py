@@ -1,6 +1,7 @@
 """The proxy itself: one request, walked over the providers until one answers.
 
-Flow: read the body once → pick providers from the failover state
+Flow: read the body once (a long one while the first attempt sends it)
+→ pick providers from the failover state
 → one attempt each (:mod:`clipal.forward`) → on failure record the verdict
 and try the next → at the commit point hand the response to the client and
 stream the rest, never retrying after that.
@@ -19,7 +20,7 @@ import requests
 from flask import Response
 
 from . import forward
-from .body import Body, BodyTooLarge, NoRoomForBody, read_body
+from .body import Body, BodyTooLarge, NoRoomForBody, start_body
 from .clientwatch import ClientGone, ClientWatch, client_socket
 from .access import is_loopback_address
 from .classify import RETURN, Kind, classify_answer, provider_failure
@@ -180,17 +181,27 @@ def serve(client: ClientKind, environ: dict, snapshot: Snapshot, session: reques
     log = get_logger(client.name)
     limit = snapshot.config.settings.max_request_body_bytes
     try:
-        body = read_body(environ, limit)
+        # A long body with a Content-Length is only started here: the first attempt reads it
+        # from the client as it sends it upstream (clipal.body.start_body).
+        body = start_body(environ, limit)
     except BodyTooLarge:
         log.warning("request body larger than max_request_body_bytes (%d); answered 413", limit)
         return error_response(client, 413, f"request body exceeds clipal's max_request_body_bytes ({limit} bytes)")
     except ClientGone:
-        log.debug("client went away while sending the request body")
-        return Response(status=400)
+        return _body_cut_short(log)
     except NoRoomForBody as error:
-        log.error("no temporary file for a request body over the in-memory budget (%s); answered 503", error)
-        return error_response(client, 503, "clipal: no room to hold the request body; try again", retry_after=1)
+        return _no_room_for_body(client, log, error)
     return _attempts(client, environ, snapshot, session, body)
+
+
+def _body_cut_short(log: logging.LoggerAdapter) -> Response:
+    log.debug("client went away while sending the request body")
+    return Response(status=400)
+
+
+def _no_room_for_body(client: ClientKind, log: logging.LoggerAdapter, error: NoRoomForBody) -> Response:
+    log.error("no temporary file for a request body over the in-memory budget (%s); answered 503", error)
+    return error_response(client, 503, "clipal: no room to hold the request body; try again", retry_after=1)
 
 
 def _attempts(client: ClientKind, environ: dict, snapshot: Snapshot, session: requests.Session,
@@ -201,6 +212,11 @@ def _attempts(client: ClientKind, environ: dict, snapshot: Snapshot, session: re
     gives up, and then closed on every path; once a response is committed
     the relay owns it and closes it when the response ends (the upstream
     response keeps a reference to what was sent until then).
+
+    A body still arriving is read from the client by the attempt sending it,
+    and what arrived is replayed by the next. A client that leaves (or is
+    refused for stalling) while sending it ends the request there: the
+    attempt's connection is closed, no provider is blamed, nothing is retried.
     """
     log = get_logger(client.name)
     settings = snapshot.config.settings
@@ -227,7 +243,9 @@ def _attempts(client: ClientKind, environ: dict, snapshot: Snapshot, session: re
         walk = routing.walk(routing.lane_for(count_tokens), count_tokens=count_tokens)
         _log_events(log, walk)
 
-        watch = ClientWatch(client_socket(environ))
+        # Until the body has all arrived the client socket is readable with it: the watch starts then.
+        watch = ClientWatch(client_socket(environ), start=False)
+        body.when_arrived(watch.start)
         meter: NullMeter = environ.get(METER, NO_METER)
         for attempt in walk:
             provider = attempt.provider
@@ -276,8 +294,12 @@ def _attempts(client: ClientKind, environ: dict, snapshot: Snapshot, session: re
             watch = held = None  # the relay owns them now
             return relay.response()
     except ClientGone:
+        if not body.complete:  # raised by reading the body, within an attempt sending it
+            return _body_cut_short(log)
         log.info("client disconnected while waiting for the upstream; request abandoned")
         return Response(status=499)
+    except NoRoomForBody as error:  # the temporary file of a body still arriving filled the disk
+        return _no_room_for_body(client, log, error)
     finally:
         if watch is not None:
             watch.stop()

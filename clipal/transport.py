@@ -24,7 +24,7 @@ import http.client
 import select
 import socket
 import sys
-from typing import Callable
+from typing import Callable, Sized
 
 import requests
 import urllib3.exceptions
@@ -227,13 +227,35 @@ def new_session() -> requests.Session:
     return session
 
 
-def prepare(request: UpstreamRequest, body: bytes) -> requests.PreparedRequest:
+def prepare(request: UpstreamRequest, body: Sized) -> requests.PreparedRequest:
     """The request as ``Session.prepare_request`` would build it for clipal's inputs.
 
     The URL is used as built (a validated base_url plus the client's raw path
     and query), so the client's percent-encoding reaches the upstream as sent;
     urllib3 still encodes anything illegal. Content-Length follows requests'
     rule: the body's length, or 0 for a body-less method other than GET/HEAD.
+
+    ``body`` is bytes, a file reader, or an iterable of pieces with a
+    ``len()`` (a body still arriving from the client). For the last, what
+    clipal relies on (checked in requests 2.34 and urllib3 2.8):
+
+    - requests' ``HTTPAdapter.send`` passes ``chunked=False`` whenever the
+      headers hold Content-Length, and urllib3's ``HTTPConnection.request``
+      then frames by that header alone: the pieces go out one ``send()``
+      each, unframed (``body_to_chunks`` takes an object with neither
+      ``read`` nor the buffer interface as a plain iterable). The upstream
+      gets the announced length and the same bytes, as for a body in hand.
+    - An exception raised by the iterable (the client gone mid-body) leaves
+      ``HTTPConnectionPool.urlopen`` without its clean exit, and its
+      ``finally`` closes the connection instead of pooling it half-sent;
+      requests passes the exception through as it is, unless it is an
+      OSError, which urllib3 may swallow (ECONNRESET) and requests wraps:
+      the iterable must raise none (clipal.body turns the client's into
+      ClientGone).
+    - ``_make_request`` swallows a broken pipe or reset while the body is
+      sent (an upstream that answered early and closed) and reads the
+      response; the iterable is then left unfinished, and the next attempt
+      replays from the start.
     """
     prepared = requests.PreparedRequest()
     prepared.method = request.method

@@ -18,7 +18,7 @@ import responses
 
 from clipal import body as body_module
 from clipal.app import create_app
-from clipal.body import Body, BodyTooLarge, MemoryBudget, NoRoomForBody, read_body
+from clipal.body import ArrivingBody, Body, BodyTooLarge, MemoryBudget, NoRoomForBody, read_body, start_body
 from clipal.clientwatch import ClientGone
 from clipal.config import load_config
 from conftest import write_config
@@ -242,3 +242,81 @@ def test_every_ending_gives_the_budget_back(app_client, small_budget):
     responses.replace(responses.POST, f"{A}/v1/messages", body=RuntimeError("a bug"))
     assert app_client.post("/claudecode/v1/messages", data=b"x" * 3000).status_code == 500  # clipal's own
     assert small_budget.in_use == 0
+
+
+# --- a long announced body, forwarded while it arrives --------------------------------------
+
+LONG = body_module.STREAM_THRESHOLD + 200_000
+
+
+def test_a_short_or_chunked_body_is_still_read_whole():
+    budget = MemoryBudget(1 << 22)
+    short = os.urandom(body_module.STREAM_THRESHOLD)
+    for environ in (announced(short), chunked(os.urandom(LONG))):
+        body = start_body(environ, 1 << 22, budget=budget)
+        assert type(body) is Body and body.complete and isinstance(body.payload(), bytes)
+        body.close()
+    assert budget.in_use == 0
+
+
+@pytest.mark.parametrize("budget_size", [1 << 22, 1000])  # in memory, or in its temporary file
+def test_a_long_body_is_kept_as_it_is_read_and_every_replay_sends_it_all(budget_size, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    budget = MemoryBudget(budget_size)
+    data = os.urandom(LONG)
+    stream = Trickle(data, piece=40_000)
+    body = start_body({"wsgi.input": stream, "CONTENT_LENGTH": str(LONG)}, 1 << 22, budget=budget)
+    assert isinstance(body, ArrivingBody) and not body.complete and body.received == 0  # nothing read yet
+    in_memory = budget_size > LONG
+    assert (budget.in_use, body.in_file, len(files_open_under(tmp_path))) == \
+        ((LONG, False, 0) if in_memory else (0, True, 1))  # reserved, or its file opened, before any read
+    arrived: list[int] = []
+    body.when_arrived(lambda: arrived.append(body.received))
+
+    first = body.payload()
+    assert len(first) == LONG and bool(first)  # what transport.prepare frames the request by
+    pieces = iter(first)
+    sent = next(pieces) + next(pieces)  # an attempt that fails after two pieces
+    assert sent == data[:80_000] and body.received == 80_000 and arrived == []
+
+    assert b"".join(body.payload()) == data  # the replay: what arrived, then the rest from the client
+    assert body.complete and arrived == [LONG]
+    assert b"".join(body.payload()) == data  # and again, from what is kept alone
+    body.when_arrived(lambda: arrived.append(-1))  # already arrived: called at once
+    assert arrived == [LONG, -1]
+    body.close()
+    body.close()
+    assert budget.in_use == 0 and files_open_under(tmp_path) == [] and os.listdir(tmp_path) == []
+    with pytest.raises(ValueError):
+        body.payload()
+    with pytest.raises(ValueError):  # an attempt still holding a replay reads nothing else
+        list(pieces)
+
+
+@pytest.mark.parametrize("budget_size", [1 << 22, 1000])
+@pytest.mark.parametrize("error", [None, OSError("unexpected end of file while reading request")])
+def test_a_client_gone_mid_body_raises_client_gone_from_the_replay(budget_size, error):
+    budget = MemoryBudget(budget_size)
+    environ = {"wsgi.input": Trickle(os.urandom(100_000), error=error), "CONTENT_LENGTH": str(LONG)}
+    body = start_body(environ, 1 << 22, budget=budget)
+    with pytest.raises(ClientGone):
+        list(body.payload())
+    assert not body.complete
+    body.close()
+    assert budget.in_use == 0
+
+
+def test_a_long_announced_body_over_the_limit_or_without_room_is_refused_before_reading(monkeypatch):
+    stream = Trickle(b"x" * 10)
+    with pytest.raises(BodyTooLarge):
+        start_body({"wsgi.input": stream, "CONTENT_LENGTH": str(LONG)}, LONG - 1, budget=MemoryBudget(1 << 22))
+    assert stream.read(10) == b"x" * 10  # nothing read
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", full)
+    budget = MemoryBudget(100)
+    with pytest.raises(NoRoomForBody):
+        start_body(announced(os.urandom(LONG)), 1 << 22, budget=budget)
+    assert budget.in_use == 0
