@@ -408,6 +408,13 @@ def clipal_command(args, cfg: Path, port: int) -> list[str]:
             + ["--config-dir", str(cfg), "--port", str(port), "--log-level", "error"])
 
 
+def clipal_cwd(cfg: Path) -> str:
+    """clipal's working directory: not the repository. `python -m` puts the working directory first on
+    sys.path, ahead of PYTHONPATH, so from REPO a `--clipal-cmd "env PYTHONPATH=/older/checkout ..."`
+    would silently run this checkout's clipal. The default command finds REPO through PYTHONPATH."""
+    return str(cfg.parent)
+
+
 def clipal_env(cfg: Path, extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["CLIPAL_CONFIG_DIR"] = str(cfg)  # for commands without --config-dir (gunicorn)
@@ -425,7 +432,8 @@ def start_clipal(args, up_port: int, out: Path, tmp_root: Path, env_extra: dict 
     errlog = out / log_name
     log = open(errlog, "wb")
     try:
-        proc = PROCS.popen(cmd, cwd=str(REPO), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        proc = PROCS.popen(cmd, cwd=clipal_cwd(cfg), env=env, stdin=subprocess.DEVNULL, stdout=log,
+                           stderr=subprocess.STDOUT)
     except OSError as e:
         raise NotRunnable(f"cannot execute {cmd[0]}: {e}")
     finally:
@@ -434,6 +442,11 @@ def start_clipal(args, up_port: int, out: Path, tmp_root: Path, env_extra: dict 
     t.notes.update(command=" ".join(shlex.quote(c) for c in cmd), config_dir=str(cfg), log=str(errlog))
     if env_extra:
         t.notes["env"] = dict(env_extra)
+    else:  # the main instance: say which clipal package the command imports
+        probe = clipal_module_probe(args, cfg)
+        if probe:
+            _, status, first = timed_run(probe, env, clipal_cwd(cfg))
+            t.notes["clipal_module"] = first if status == 0 else f"probe failed (exit {status})"
     return ready_or_stopped(t, errlog)
 
 
@@ -798,10 +811,21 @@ def version_commands(args, cfg: Path) -> tuple[list[tuple[str, list[str]]], str]
     return out, ""
 
 
-def timed_run(cmd: list[str], env: dict, timeout: float = 15.0) -> tuple[float, int, str]:
+def clipal_module_probe(args, cfg: Path) -> list[str] | None:
+    """The clipal command with `-m clipal ...` replaced by a print of clipal.__file__ (None when the
+    command does not run `{python} -m clipal`)."""
+    template = shlex.split(args.clipal_cmd or DEFAULT_CLIPAL_CMD)
+    for i in range(len(template) - 2):
+        if template[i] == "{python}" and template[i + 1:i + 3] == ["-m", "clipal"]:
+            head = [x.format(config_dir=str(cfg), port=0, python=args.python) for x in template[:i + 1]]
+            return head + ["-c", "import clipal; print(clipal.__file__)"]
+    return None
+
+
+def timed_run(cmd: list[str], env: dict, cwd: str, timeout: float = 15.0) -> tuple[float, int, str]:
     """Wall time exec -> exit of one command (own process group), its status and first output line."""
     t0 = time.perf_counter()
-    p = PROCS.popen(cmd, cwd=str(REPO), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    p = PROCS.popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT)
     try:
         out, _ = p.communicate(timeout=timeout)
@@ -826,12 +850,13 @@ def health_ok(port: int) -> bool:
     return len(parts) >= 2 and parts[1] == b"200"
 
 
-def exec_to_health(cmd: list[str], env: dict | None, port: int, log_path: Path, timeout: float = 10.0) -> float:
+def exec_to_health(cmd: list[str], env: dict | None, cwd: str, port: int, log_path: Path,
+                   timeout: float = 10.0) -> float:
     """Seconds from exec to the first 200 on GET /health (polled every 2 ms); the process is stopped after."""
     log = open(log_path, "ab")
     try:
         t0 = time.perf_counter()
-        p = PROCS.popen(cmd, cwd=str(REPO), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        p = PROCS.popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     finally:
         log.close()
     try:
@@ -871,7 +896,7 @@ def startup_phase(args, t: Target, ctx: dict) -> dict:
         for label, cmd in cmds:
             times, status, first = [], None, ""
             for _ in range(STARTUP_RUNS):
-                dt, status, first = timed_run(cmd, env)
+                dt, status, first = timed_run(cmd, env, clipal_cwd(cfg))
                 if status != 0:
                     break
                 times.append(dt)
@@ -881,12 +906,16 @@ def startup_phase(args, t: Target, ctx: dict) -> dict:
             else:
                 entry.update(_timings(times))
             out["version"][label] = entry
+        probe = clipal_module_probe(args, cfg)
+        if probe:  # which clipal package the command imports (an older checkout through PYTHONPATH?)
+            _, status, first = timed_run(probe, env, clipal_cwd(cfg))
+            out["clipal_module"] = first if status == 0 else f"probe failed: exit {status}: {first[:200]}"
         log_path = odir / "clipal-startup.log"
         log_path.write_bytes(b"")
 
         def once():
             port = free_port()
-            return exec_to_health(clipal_command(args, cfg, port), env, port, log_path)
+            return exec_to_health(clipal_command(args, cfg, port), env, clipal_cwd(cfg), port, log_path)
         command = " ".join(shlex.quote(c) for c in clipal_command(args, cfg, "{port}"))
     else:
         exe = t.notes["command"].split()[0]
@@ -900,7 +929,7 @@ def startup_phase(args, t: Target, ctx: dict) -> dict:
             port = free_port()
             conf.write_text(nginx_conf(port, up_port, prefix, prefix, args.nginx_body_buffer))
             return exec_to_health([exe, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "nginx-error.log")],
-                                  None, port, log_path)
+                                  None, str(prefix), port, log_path)
         command = f"{exe} -p {prefix} -c {conf}"
     times = []
     try:
@@ -1242,7 +1271,8 @@ def checks(res: dict, target: str, selected: set[str]) -> list[dict]:
                      else me("startup", "health", "error"),
                      lambda v: isinstance(v, float) and v <= 0.35,
                      lambda v: (f"{v:.3f} s median of {STARTUP_RUNS} (NGINX "
-                                f"{g(res, 'NGINX', 'startup', 'health', 'median_s')} s)") if isinstance(v, float) else str(v)))
+                                f"{g(res, 'NGINX', 'startup', 'health', 'median_s') or '-'} s)")
+                     if isinstance(v, float) else str(v)))
     if target == "CLIPAL" and res.get("CLIPAL", {}).get("status") == "ok":
         hv = res["CLIPAL"].get("notes", {}).get("x_clipal_provider")
         out.append({"check": "X-Clipal-Provider header present", "result": "PASS" if hv else "FAIL",
@@ -1367,7 +1397,8 @@ def main(argv=None) -> int:
                 continue
             entry.update(status="ok", port=t.port, notes=t.notes)
             print(f"{name.lower()}: 127.0.0.1:{t.port}{t.prefix} "
-                  f"(pids {t.pids() or '-'})", flush=True)
+                  f"(pids {t.pids() or '-'})" + (f" clipal from {t.notes['clipal_module']}"
+                                                 if t.notes.get("clipal_module") else ""), flush=True)
             try:
                 # warm-up: connection pools, lazy imports, JIT-free but cache-warm
                 load_phase(args, t, 8, 1)
@@ -1453,7 +1484,7 @@ def _brief(key: str, r: dict) -> str:
                          f"(ticks {x['cpu_ms_per_min']}), fds {','.join(sorted(set(x['anon_fds']))) or '-'}"
                          for m, x in r["modes"].items())
     if key == "startup":
-        parts = [f"--version ({k}) {v.get('median_s', v.get('error'))} s" for k, v in r.get("version", {}).items()]
+        parts = ([f"clipal from {r['clipal_module']}"] if r.get("clipal_module") else []) + [f"--version ({k}) {v.get('median_s', v.get('error'))} s" for k, v in r.get("version", {}).items()]
         h = r.get("health", {})
         parts.append(f"exec->/health {h.get('median_s', h.get('error'))} s")
         return "; ".join(parts)
