@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """clipal benchmark harness: DIRECT vs CLIPAL vs NGINX, all on loopback.
 
-    /work/venv/bin/python bench/run.py [--quick] [--only a,b,b2,c] [--targets direct,clipal,nginx]
-                                       [--out bench/out] [--clipal-cmd CMD] [--strict]
+    /work/venv/bin/python bench/run.py [--quick] [--only a,b,b2,c,agent,idle,startup]
+                                       [--targets direct,clipal,nginx] [--out bench/out]
+                                       [--clipal-cmd CMD] [--nginx-body-buffer 2m] [--strict]
 
 Starts a fast fake upstream (bench/upstream.js, Node), then for each target in
 turn starts it (clipal as a subprocess, nginx from a generated config), runs
@@ -11,6 +12,12 @@ upload and precise-latency clients are always bench/client.js), samples the
 proxy's CPU and RSS from /proc during every phase, and stops it again.  Prints
 a side-by-side table with ratios against DIRECT, PASS/FAIL lines for the
 targets clipal must meet, and writes results.json and results.md into --out.
+
+Besides the request-path phases (a, b, b2, c): `agent` (Claude Code-like
+sessions: large JSON bodies answered with ~2 s streams, TTFB added over
+DIRECT), `idle` (wakeups and CPU per minute with no traffic; clipal with its
+inotify and its poll config watcher) and `startup` (`clipal --version`, exec ->
+first 200 on /health).
 
 Standard library only; see bench/README.md.  Every phase has a count, a
 deadline inside the client and a hard timeout here; every process started is
@@ -1289,9 +1296,10 @@ def checks(res: dict, target: str, selected: set[str]) -> list[dict]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="shorter load phases, no c=4 uploads (< 1 minute)")
+    ap.add_argument("--quick", action="store_true", help="shorter load phases, no c=4 uploads, fewer agent "
+                    "requests, 20 s idle window")
     ap.add_argument("--only", default="", help="phases or groups to run, comma-separated: "
-                    "a,b,b2,c or a1,a64,lat,b,b2,c1,c4 (default: all)")
+                    "a,b,b2,c,agent,idle,startup or a1,a64,lat,b,b2,c1,c4 (default: all)")
     ap.add_argument("--targets", default="direct,clipal,nginx", help="comma-separated subset of direct,clipal,nginx")
     ap.add_argument("--out", default=str(HERE / "out"), help="output directory (default bench/out)")
     ap.add_argument("--clipal-cmd", default="", help="command that starts clipal; '--config-dir D --port N "
