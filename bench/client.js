@@ -6,7 +6,7 @@
 //
 //   node bench/client.js '<json config>'
 //
-// config: {"mode": "load"|"sse"|"upload", "host": "127.0.0.1",
+// config: {"mode": "load"|"sse"|"upload"|"agent", "host": "127.0.0.1",
 //          "port": N, "path": "/v1/...", ...mode options (see each function)}
 'use strict';
 
@@ -413,12 +413,183 @@ function modeUpload(cfg) {
   });
 }
 
+// A Claude Code-like request body of exactly `size` bytes (ASCII JSON): a
+// system prompt, a messages array of alternating user/assistant turns with
+// long text content blocks, the last one a user turn, and "stream": true.
+function agentBody(size) {
+  const words = ('the function returns a promise that resolves once the file has been read and parsed ' +
+    'so the caller can decide whether to retry the request or report the error to the user in the ' +
+    'terminal while keeping the session state consistent across tool calls and edits to the code ').split(' ');
+  let seed = size >>> 0;
+  const rnd = () => { seed = (seed * 1103515245 + 12345) >>> 0; return seed >>> 8; };
+  const prose = (n) => {
+    const out = [];
+    let len = 0;
+    while (len < n) { const w = words[rnd() % words.length] || 'code'; out.push(w); len += w.length + 1; }
+    return out.join(' ').slice(0, n).padEnd(n, '.');
+  };
+  const base = { model: 'claude-sonnet-4-5', max_tokens: 32000, stream: true,
+    system: [{ type: 'text', text: 'You are Claude Code, a CLI coding agent. ' + prose(2000) }],
+    messages: [] };
+  const msgs = base.messages;
+  const turn = Math.max(256, Math.min(16384, Math.floor(size / 24)));
+  let k = 0;
+  // Whole turns while there is room, then one last user turn padded to the exact size.
+  for (;;) {
+    const role = k % 2 === 0 ? 'user' : 'assistant';
+    msgs.push({ role, content: [{ type: 'text', text: prose(turn) }] });
+    k++;
+    if (JSON.stringify(base).length + turn + 200 > size) break;
+  }
+  if (msgs[msgs.length - 1].role !== 'user') msgs.pop();
+  const last = { role: 'user', content: [{ type: 'text', text: '' }] };
+  msgs.push(last);
+  const room = size - JSON.stringify(base).length;
+  if (room < 0) throw new Error(`agent body: size ${size} too small`);
+  last.content[0].text = prose(room);
+  const buf = Buffer.from(JSON.stringify(base));
+  if (buf.length !== size) throw new Error(`agent body: built ${buf.length} bytes, wanted ${size}`);
+  return buf;
+}
+
+// Agent sessions (Claude Code-like): `sessions` concurrent keep-alive
+// connections, each sending `requests` POSTs of a `size`-byte JSON body back to
+// back, each answered with an SSE stream the upstream starts only after it has
+// read the whole body.  Per request: TTFB (start of writing the request -> first
+// response byte), total (-> end of the response), largest gap between events;
+// checks status 200, the body bytes/sha256 the upstream echoes in its headers,
+// every event, the terminal `event: message_stop`, a clean end.
+// options: sessions, requests, size, events, interval_ms, deadline_s.
+function modeAgent(cfg) {
+  return new Promise((resolve) => {
+    const sessions = cfg.sessions || 1;
+    const perSession = cfg.requests || 1;
+    const size = cfg.size || 50000;
+    const events = cfg.events || 40;
+    const interval = cfg.interval_ms === undefined ? 50 : cfg.interval_ms;
+    const sep = cfg.path.includes('?') ? '&' : '?';
+    const path = `${cfg.path}${sep}events=${events}&interval=${interval}`;
+    const body = agentBody(size);
+    const want = crypto.createHash('sha256').update(body).digest('hex');
+    const req = Buffer.concat([Buffer.from(requestHead(cfg, 'POST', path, body.length, {
+      'Content-Type': 'application/json', Accept: 'text/event-stream', 'anthropic-version': '2023-06-01' })), body]);
+    const total = sessions * perSession;
+    const results = [];
+    const sockets = new Set();
+    let finished = false, active = sessions, connects = 0;
+    const start = NOW();
+    const deadline = setTimeout(() => finish(true), (cfg.deadline_s || 60) * 1000);
+
+    function finish(timedOut) {
+      if (finished) return;
+      finished = true;
+      clearTimeout(deadline);
+      for (const s of sockets) s.destroy();
+      const ok = results.filter((r) => r.ok);
+      const statuses = {}, reasons = {};
+      for (const r of results) {
+        statuses[r.status] = (statuses[r.status] || 0) + 1;
+        if (!r.ok) reasons[r.reason] = (reasons[r.reason] || 0) + 1;
+      }
+      if (total - results.length) reasons.deadline = total - results.length;
+      resolve({ mode: 'agent', size, sessions, requests_per_session: perSession, requests: total,
+        events, interval_ms: interval, completed: ok.length, failed: total - ok.length,
+        body_ok: results.filter((r) => r.bodyOk).length, failure_reasons: reasons, statuses,
+        connections: connects, timed_out: !!timedOut, wall_s: +((NOW() - start) / 1000).toFixed(3),
+        ttfb_ms: summary(ok.map((r) => r.ttfb)), total_ms: summary(ok.map((r) => r.total)),
+        max_gap_ms: summary(ok.map((r) => r.gap)) });
+    }
+
+    function session() {
+      let left = perSession;
+      let sock = null, inflight = null;
+
+      function open() {
+        sock = connect(cfg);
+        connects++;
+        sockets.add(sock);
+        const s = sock;
+        s.on('connect', send);
+        s.on('data', (d) => { if (inflight && s === sock) inflight.data(d); });
+        s.on('error', () => {});
+        s.on('close', () => {
+          sockets.delete(s);
+          if (s !== sock) return;
+          sock = null;
+          if (inflight) inflight.closed();
+          else if (left > 0 && !finished) open(); // the server closed an idle keep-alive connection
+        });
+      }
+
+      function end() {
+        if (--active === 0) finish(false);
+      }
+
+      function send() {
+        if (finished) return;
+        if (left <= 0) { if (sock) sock.destroy(); end(); return; }
+        if (!sock || sock.destroyed) { open(); return; }
+        left--;
+        const r = { ok: false, reason: '', status: 0, ttfb: null, total: null, gap: 0, bodyOk: false };
+        let last = null, count = 0, prevNL = false, tail = '', done = false, keep = true;
+        const t0 = NOW();
+        const record = (ok, reason) => {
+          if (done) return;
+          done = true;
+          inflight = null;
+          r.ok = ok; r.reason = reason; r.total = NOW() - t0;
+          results.push(r);
+          if (!ok || !keep) { const s = sock; sock = null; if (s) s.destroy(); }
+          if (left > 0) setImmediate(send); else { if (sock) sock.destroy(); end(); }
+        };
+        const parser = new ResponseParser({
+          head: (status, h) => {
+            r.status = status;
+            r.bodyOk = h['x-bench-body-sha256'] === want && h['x-bench-body-bytes'] === String(size);
+            keep = (h.connection || '').toLowerCase() !== 'close';
+          },
+          body: (b) => {
+            if (!b.length) return;
+            const t = NOW();
+            let k = 0;
+            if (prevNL && b[0] === 10) k++;
+            let i = b.indexOf('\n\n', 0, 'latin1');
+            while (i >= 0) { k++; i = b.indexOf('\n\n', i + 2, 'latin1'); }
+            prevNL = b[b.length - 1] === 10;
+            for (let e = 0; e < k; e++) {
+              if (last !== null) r.gap = Math.max(r.gap, t - last);
+              last = t;
+              count++;
+            }
+            tail = (tail + b.toString('latin1', Math.max(0, b.length - 256))).slice(-256);
+          },
+          done: (clean) => {
+            if (r.status !== 200) record(false, `status ${r.status}`);
+            else if (!clean) record(false, 'unclean end');
+            else if (!r.bodyOk) record(false, 'body bytes/sha256 mismatch at upstream');
+            else if (count !== events) record(false, `got ${count}/${events} events`);
+            else if (!tail.includes('event: message_stop')) record(false, 'no message_stop');
+            else record(true, '');
+          },
+        });
+        inflight = {
+          data: (d) => { if (r.ttfb === null) r.ttfb = NOW() - t0; parser.feed(d); },
+          closed: () => { parser.eof(); if (!done) record(false, r.ttfb === null ? 'closed before response' : 'closed'); },
+        };
+        sock.write(req);
+      }
+      open();
+    }
+    for (let i = 0; i < sessions; i++) session();
+  });
+}
+
 // -------------------------------------------------------------------- main --
 
 async function main() {
   const cfg = JSON.parse(process.argv[2] || '{}');
   cfg.host = cfg.host || '127.0.0.1';
-  const modes = { load: modeLoad, sse: modeSse, upload: modeUpload };
+  const modes = { load: modeLoad, sse: modeSse, upload: modeUpload, agent: modeAgent };
   const fn = modes[cfg.mode];
   if (!fn) { process.stderr.write(`unknown mode ${cfg.mode}\n`); process.exit(2); }
   const out = await fn(cfg);

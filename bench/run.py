@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """clipal benchmark harness: DIRECT vs CLIPAL vs NGINX, all on loopback.
 
-    /work/venv/bin/python bench/run.py [--quick] [--only a,b,b2,c] [--targets direct,clipal,nginx]
-                                       [--out bench/out] [--clipal-cmd CMD] [--strict]
+    /work/venv/bin/python bench/run.py [--quick] [--only a,b,b2,c,agent,idle,startup]
+                                       [--targets direct,clipal,nginx] [--out bench/out]
+                                       [--clipal-cmd CMD] [--nginx-body-buffer 2m] [--strict]
 
 Starts a fast fake upstream (bench/upstream.js, Node), then for each target in
 turn starts it (clipal as a subprocess, nginx from a generated config), runs
@@ -11,6 +12,12 @@ upload and precise-latency clients are always bench/client.js), samples the
 proxy's CPU and RSS from /proc during every phase, and stops it again.  Prints
 a side-by-side table with ratios against DIRECT, PASS/FAIL lines for the
 targets clipal must meet, and writes results.json and results.md into --out.
+
+Besides the request-path phases (a, b, b2, c): `agent` (Claude Code-like
+sessions: large JSON bodies answered with ~2 s streams, TTFB added over
+DIRECT), `idle` (wakeups and CPU per minute with no traffic; clipal with its
+inotify and its poll config watcher) and `startup` (`clipal --version`, exec ->
+first 200 on /health).
 
 Standard library only; see bench/README.md.  Every phase has a count, a
 deadline inside the client and a hard timeout here; every process started is
@@ -25,6 +32,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -61,7 +69,20 @@ PHASES = {
     "b2": ("b2", "1000 concurrent SSE streams, 10 events 50 ms apart"),
     "c1": ("c", "20 x 10 MiB uploads, sequential (one connection)"),
     "c4": ("c", "20 x 10 MiB uploads, concurrency 4"),
+    "agent": ("agent", "Claude Code-like sessions: 50 KB / 300 KB / 1.5 MB JSON bodies, each answered "
+                       "with a ~2 s SSE stream (40 events 50 ms apart), 1, 8 and 32 keep-alive sessions"),
+    "idle": ("idle", "no traffic for 60 s (quick 20 s) after a settle: CPU and voluntary context switches "
+                     "per minute (clipal: inotify and poll config watcher)"),
+    "startup": ("startup", "clipal --version wall time and exec -> first 200 on GET /health, median of 10"),
 }
+AGENT_PATH = "/v1/messages"
+#: (label, bytes) of the agent phase's request bodies
+AGENT_SIZES = (("50K", 50_000), ("300K", 300_000), ("1.5M", 1_500_000))
+#: sessions -> requests per session, full and --quick
+AGENT_PLAN = {1: 15, 8: 6, 32: 3}
+AGENT_PLAN_QUICK = {1: 5, 8: 2, 32: 1}
+AGENT_EVENTS, AGENT_INTERVAL_MS = 40, 50
+STARTUP_RUNS = 10
 
 
 class NotRunnable(Exception):
@@ -181,6 +202,63 @@ def rss_kb(pid: int) -> int:
         return 0
 
 
+def task_ids(pid: int) -> list[str]:
+    try:
+        return os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+
+
+def ctxt_switches(pids: list[int]) -> tuple[int, int]:
+    """(voluntary, nonvoluntary) context switches summed over every thread of pids."""
+    vol = nonvol = 0
+    for pid in pids:
+        for tid in task_ids(pid):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            vol += int(line.split()[1])
+                        elif line.startswith("nonvoluntary_ctxt_switches:"):
+                            nonvol += int(line.split()[1])
+            except OSError:
+                continue
+    return vol, nonvol
+
+
+def sched_cpu_ns(pids: list[int]) -> int | None:
+    """CPU time in ns summed over every thread of pids (first field of /proc/PID/task/TID/schedstat:
+    exact, where utime+stime in /proc/PID/stat count whole clock ticks); None without schedstat."""
+    total, seen = 0, False
+    for pid in pids:
+        for tid in task_ids(pid):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+                    seen = True
+            except (OSError, ValueError, IndexError):
+                continue
+    return total if seen else None
+
+
+def watcher_fds(pids: list[int]) -> list[str]:
+    """The anon-inode descriptors (inotify, eventfd, ...) the processes hold, to show the watcher mode."""
+    kinds = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("anon_inode:"):
+                kinds.append(link[len("anon_inode:"):].strip("[]"))
+    return sorted(kinds)
+
+
 class Sampler:
     """CPU seconds (delta over the phase) and peak summed RSS (sampled every 20 ms)."""
 
@@ -233,8 +311,10 @@ class Sampler:
 # -------------------------------------------------------------------- targets --
 
 class Target:
-    def __init__(self, name: str, port: int, prefix: str = "", proc: subprocess.Popen | None = None):
+    def __init__(self, name: str, port: int, prefix: str = "", proc: subprocess.Popen | None = None,
+                 agent_prefix: str = ""):
         self.name, self.port, self.prefix, self.proc = name, port, prefix, proc
+        self.agent_prefix = agent_prefix  # clipal: /claudecode (the agent phase's Anthropic-style path)
         self.notes: dict = {}
 
     def pids(self) -> list[int]:
@@ -300,15 +380,21 @@ def ready_or_stopped(t: Target, errlog: Path | None) -> Target:
     return t
 
 
-def start_clipal(args, up_port: int, out: Path, tmp_root: Path) -> Target:
+#: How the harness starts clipal when --clipal-cmd is not given (the same placeholders).
+DEFAULT_CLIPAL_CMD = "{python} -m clipal --config-dir {config_dir} --port {port} --log-level error"
+
+
+def write_clipal_config(args, up_port: int, tmp_root: Path) -> Path:
+    """A fresh config dir: codex.yaml and claude-code.yaml (one provider each, the upstream) and config.yaml."""
     cfg = Path(tempfile.mkdtemp(prefix="clipal-bench-", dir=tmp_root))
     # --keys N: the provider has N keys (api_keys); the first one always answers.
     keys = ("    api_key: sk-bench-key\n" if args.keys <= 1 else
             "    api_keys: [" + ", ".join(f"sk-bench-key-{i}" for i in range(1, args.keys + 1)) + "]\n")
-    (cfg / "codex.yaml").write_text(
-        "providers:\n"
-        "  - name: bench\n"
-        f"    base_url: http://127.0.0.1:{up_port}\n" + keys)
+    provider = ("providers:\n"
+                "  - name: bench\n"
+                f"    base_url: http://127.0.0.1:{up_port}\n" + keys)
+    (cfg / "codex.yaml").write_text(provider)
+    (cfg / "claude-code.yaml").write_text(provider)  # the agent phase: /claudecode/v1/messages
     settings = "log_stdout: false\nmax_request_body_bytes: 33554432\n"
     if args.access_tokens:  # the load clients send this token as their Bearer key
         settings += f"access_tokens: [{CLIENT_TOKEN}]\n"
@@ -316,32 +402,62 @@ def start_clipal(args, up_port: int, out: Path, tmp_root: Path) -> Target:
                                                  if args.config_extra else ""))
     for f in cfg.iterdir():
         f.chmod(0o600)
-    port = free_port()
-    if args.clipal_cmd:
-        fmt = {"config_dir": str(cfg), "port": port, "python": args.python}
-        if "{port}" in args.clipal_cmd:
-            cmd = [part.format(**fmt) for part in shlex.split(args.clipal_cmd)]
-        else:
-            cmd = shlex.split(args.clipal_cmd) + ["--config-dir", str(cfg), "--port", str(port), "--log-level", "error"]
-    else:
-        cmd = [args.python, "-m", "clipal", "--config-dir", str(cfg), "--port", str(port), "--log-level", "error"]
+    return cfg
+
+
+def clipal_command(args, cfg: Path, port: int) -> list[str]:
+    """The command that starts clipal: --clipal-cmd (or the default), placeholders filled in."""
+    template = args.clipal_cmd or DEFAULT_CLIPAL_CMD
+    fmt = {"config_dir": str(cfg), "port": port, "python": args.python}
+    if "{port}" in template:
+        return [part.format(**fmt) for part in shlex.split(template)]
+    return ([part.format(**fmt) for part in shlex.split(template)]
+            + ["--config-dir", str(cfg), "--port", str(port), "--log-level", "error"])
+
+
+def clipal_cwd(cfg: Path) -> str:
+    """clipal's working directory: not the repository. `python -m` puts the working directory first on
+    sys.path, ahead of PYTHONPATH, so from REPO a `--clipal-cmd "env PYTHONPATH=/older/checkout ..."`
+    would silently run this checkout's clipal. The default command finds REPO through PYTHONPATH."""
+    return str(cfg.parent)
+
+
+def clipal_env(cfg: Path, extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["CLIPAL_CONFIG_DIR"] = str(cfg)  # for commands without --config-dir (gunicorn)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    errlog = out / "clipal.log"
+    env.update(extra or {})
+    return env
+
+
+def start_clipal(args, up_port: int, out: Path, tmp_root: Path, env_extra: dict | None = None,
+                 log_name: str = "clipal.log") -> Target:
+    cfg = write_clipal_config(args, up_port, tmp_root)
+    port = free_port()
+    cmd = clipal_command(args, cfg, port)
+    env = clipal_env(cfg, env_extra)
+    errlog = out / log_name
     log = open(errlog, "wb")
     try:
-        proc = PROCS.popen(cmd, cwd=str(REPO), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        proc = PROCS.popen(cmd, cwd=clipal_cwd(cfg), env=env, stdin=subprocess.DEVNULL, stdout=log,
+                           stderr=subprocess.STDOUT)
     except OSError as e:
         raise NotRunnable(f"cannot execute {cmd[0]}: {e}")
     finally:
         log.close()
-    t = Target("CLIPAL", port, "/codex", proc)
+    t = Target("CLIPAL", port, "/codex", proc, agent_prefix="/claudecode")
     t.notes.update(command=" ".join(shlex.quote(c) for c in cmd), config_dir=str(cfg), log=str(errlog))
+    if env_extra:
+        t.notes["env"] = dict(env_extra)
+    else:  # the main instance: say which clipal package the command imports
+        probe = clipal_module_probe(args, cfg)
+        if probe:
+            _, status, first = timed_run(probe, env, clipal_cwd(cfg))
+            t.notes["clipal_module"] = first if status == 0 else f"probe failed (exit {status})"
     return ready_or_stopped(t, errlog)
 
 
-def nginx_conf(port: int, up_port: int, prefix: Path, out: Path) -> str:
+def nginx_conf(port: int, up_port: int, prefix: Path, out: Path, body_buffer: str = "2m") -> str:
     user = "user root;\n" if os.geteuid() == 0 else ""
     temps = "\n".join(f"    {k}_temp_path {prefix}/{k}_temp;" for k in
                       ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -384,6 +500,23 @@ http {{
             proxy_read_timeout 120s;
             proxy_send_timeout 120s;
         }}
+        # The agent phase (Claude Code-like bodies up to 1.5 MB): nginx's default request
+        # buffering stays on, so nginx reads the whole body (in memory up to
+        # client_body_buffer_size, else into a file under client_body_temp_path) before it
+        # picks an upstream connection and sends the request on. With nginx's default 16k
+        # buffer the body goes to a temp file and out in 8 KB writes on an upstream socket
+        # without TCP_NODELAY: the last short write waits for a delayed ACK, ~40 ms
+        # (--nginx-body-buffer 16k shows it); 2m keeps these bodies in memory, one writev.
+        location /v1/messages {{
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            client_max_body_size 32m;
+            client_body_buffer_size {body_buffer};
+            proxy_read_timeout 120s;
+            proxy_send_timeout 120s;
+        }}
     }}
 }}
 """
@@ -397,7 +530,7 @@ def start_nginx(args, up_port: int, out: Path) -> Target:
     prefix.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = prefix / "nginx.conf"
-    conf.write_text(nginx_conf(port, up_port, prefix, out))
+    conf.write_text(nginx_conf(port, up_port, prefix, out, args.nginx_body_buffer))
     errlog = out / "nginx-error.log"
     cmd = [exe, "-p", str(prefix), "-c", str(conf), "-e", str(errlog)]
     log = open(out / "nginx-stderr.log", "wb")
@@ -486,8 +619,15 @@ def load_phase(args, t: Target, conns: int, duration: float) -> dict:
     return r
 
 
-def run_phase(args, key: str, t: Target, up_pid: int) -> dict:
+def run_phase(args, key: str, t: Target, up_pid: int, ctx: dict | None = None) -> dict:
     q = args.quick
+    ctx = ctx or {}
+    if key == "agent":
+        return agent_phase(args, t, up_pid)
+    if key == "idle":
+        return idle_phase(args, t, ctx)
+    if key == "startup":
+        return startup_phase(args, t, ctx)
     if key == "a1":
         fn = lambda: load_phase(args, t, 1, 2 if q else 5)  # noqa: E731
     elif key == "a64":
@@ -519,6 +659,305 @@ def run_phase(args, key: str, t: Target, up_pid: int) -> dict:
 
 def settle(t: Target, seconds: float) -> None:
     time.sleep(seconds)
+
+
+# ---- agent: Claude Code-like sessions --
+
+def agent_phase(args, t: Target, up_pid: int) -> dict:
+    """Each body size x each session count, one client.js run (and one /proc sample) each."""
+    plan = AGENT_PLAN_QUICK if args.quick else AGENT_PLAN
+    path = t.agent_prefix + AGENT_PATH
+    stream_s = AGENT_EVENTS * AGENT_INTERVAL_MS / 1000
+    runs = {}
+    for label, size in AGENT_SIZES:
+        for sessions, per in plan.items():
+            key = f"{label}/s{sessions}"
+            budget = per * (stream_s + 3) + 15  # client deadline; the hard timeout is 15 s later
+            with Sampler(t.pids(), up_pid) as smp:
+                r = node_client(args, {"mode": "agent", "port": t.port, "path": path, "sessions": sessions,
+                                       "requests": per, "size": size, "events": AGENT_EVENTS,
+                                       "interval_ms": AGENT_INTERVAL_MS, "deadline_s": budget},
+                                budget + 15, "agent")
+            r["resources"] = smp.result()
+            runs[key] = r
+            if "error" in r:
+                print(f"         agent {key:<9} {r['error']}", flush=True)
+            else:
+                fail = f" fail {r['failure_reasons']}" if r["failed"] else ""
+                print(f"         agent {key:<9} {r['completed']}/{r['requests']} ok, ttfb p50 {r['ttfb_ms']['p50']} "
+                      f"p99 {r['ttfb_ms']['p99']} ms, total p50 {r['total_ms']['p50']} ms, "
+                      f"{r['connections']} conn{fail}", flush=True)
+            time.sleep(0.3)
+    ok = [r for r in runs.values() if "error" not in r]
+    return {"path": path, "plan": {str(k): v for k, v in plan.items()}, "sizes": dict(AGENT_SIZES),
+            "events": AGENT_EVENTS, "interval_ms": AGENT_INTERVAL_MS, "runs": runs,
+            "requests": sum(r["requests"] for r in ok), "completed": sum(r["completed"] for r in ok),
+            "body_ok": sum(r["body_ok"] for r in ok),
+            "errors": [f"{k}: {r['error']}" for k, r in runs.items() if "error" in r]}
+
+
+# ---- idle: no traffic --
+
+IDLE_PAUSE_S = 3.0  # after the settle requests, before the window opens
+
+
+def idle_settle(t: Target) -> None:
+    """A few requests through the target (both paths), so that it is past its first-request work."""
+    for _ in range(5):
+        http_call(t.port, "POST", t.path(CHAT_PATH), CHAT_BODY)
+    body = json.dumps({"model": "bench-model", "max_tokens": 16, "stream": True,
+                       "messages": [{"role": "user", "content": "settle"}]}).encode()
+    http_call(t.port, "POST", t.agent_prefix + AGENT_PATH + "?events=6&interval=1", body)
+
+
+def _idle_snapshot(pids: list[int]) -> dict[int, tuple]:
+    snap = {}
+    for p in pids:
+        cpu = cpu_seconds(p)
+        if cpu is not None:
+            snap[p] = (cpu, sched_cpu_ns([p]), ctxt_switches([p]))
+    return snap
+
+
+def idle_window(targets: dict[str, Target], seconds: float) -> dict:
+    """CPU and voluntary context switches of each target's process tree over one quiet window."""
+    time.sleep(IDLE_PAUSE_S)
+    before = {name: _idle_snapshot(t.pids()) for name, t in targets.items()}
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    wall = time.monotonic() - t0
+    out = {}
+    for name, t in targets.items():
+        b = before[name]
+        a = _idle_snapshot(list(b))
+        both = [p for p in b if p in a]  # a process that exits in the window drops out of both ends
+        per_min = 60.0 / wall
+        cpu = sum(a[p][0] - b[p][0] for p in both)
+        ns = None if any(a[p][1] is None or b[p][1] is None for p in both) else sum(a[p][1] - b[p][1] for p in both)
+        vol = sum(a[p][2][0] - b[p][2][0] for p in both)
+        nonvol = sum(a[p][2][1] - b[p][2][1] for p in both)
+        out[name] = {
+            "window_s": round(wall, 2), "pids": both, "threads": sum(len(task_ids(p)) for p in both),
+            "exited_during_window": [p for p in b if p not in a],
+            "new_since_window": [p for p in t.pids() if p not in b],
+            "cpu_ms_per_min": round(cpu * 1000 * per_min, 2),  # utime+stime, whole clock ticks
+            "cpu_ms_per_min_schedstat": None if ns is None else round(ns / 1e6 * per_min, 3),
+            "wakeups_per_min": round(vol * per_min, 1),  # voluntary context switches
+            "nonvoluntary_per_min": round(nonvol * per_min, 1),
+            "anon_fds": watcher_fds(both),
+        }
+        if t.notes.get("env"):
+            out[name]["env"] = t.notes["env"]
+    return out
+
+
+def idle_phase(args, t: Target, ctx: dict) -> dict:
+    """NGINX: the running target.  CLIPAL: two fresh instances started as the harness starts clipal,
+    CLIPAL_WATCH_MODE=inotify and =poll, measured over the same window (the main one idles too)."""
+    seconds = 20.0 if args.quick else 60.0
+    if t.name != "CLIPAL":
+        idle_settle(t)
+        return {"window_s": seconds, "modes": idle_window({"default": t}, seconds)}
+    insts: dict[str, Target] = {}
+    try:
+        for mode in ("inotify", "poll"):
+            try:
+                insts[mode] = start_clipal(args, ctx["up_port"], ctx["out"], ctx["tmp_root"],
+                                           env_extra={"CLIPAL_WATCH_MODE": mode}, log_name=f"clipal-idle-{mode}.log")
+            except NotRunnable as e:
+                return {"error": f"clipal ({mode} watcher) not runnable: {e}"}
+        for inst in insts.values():
+            idle_settle(inst)
+        return {"window_s": seconds, "modes": idle_window(insts, seconds)}
+    finally:
+        for inst in insts.values():
+            PROCS.stop(inst.proc)
+
+
+# ---- startup: --version and exec -> first /health 200 --
+
+_STRIP_OPTS = ("--config-dir", "--port", "--log-level")
+
+
+def console_script(args) -> Path | None:
+    for d in (Path(args.python).parent, REPO / ".venv" / "bin"):
+        p = d / "clipal"
+        if p.is_file() and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def version_commands(args, cfg: Path) -> tuple[list[tuple[str, list[str]]], str]:
+    """[(label, argv)] for `clipal --version` from the clipal command template: `{python} -m clipal`
+    as given, and the console script in its place; the --config-dir/--port/--log-level options dropped."""
+    template = shlex.split(args.clipal_cmd or DEFAULT_CLIPAL_CMD)
+    if any(Path(x).name.startswith(("gunicorn", "uwsgi")) for x in template):
+        return [], "the clipal command is not clipal's own CLI (no --version to time)"
+    variants = [("python -m clipal" if " ".join(template).find("{python} -m clipal") >= 0 else "clipal-cmd", template)]
+    for i in range(len(template) - 2):
+        if template[i] == "{python}" and template[i + 1:i + 3] == ["-m", "clipal"]:
+            script = console_script(args)
+            if script:
+                variants.append(("console script", template[:i] + [str(script)] + template[i + 3:]))
+            break
+    fmt = {"config_dir": str(cfg), "port": 0, "python": args.python}
+    out = []
+    for label, toks in variants:
+        argv, skip = [], False
+        for tok in (x.format(**fmt) for x in toks):
+            if skip:
+                skip = False
+                continue
+            if tok in _STRIP_OPTS:
+                skip = True
+                continue
+            if tok.startswith(tuple(o + "=" for o in _STRIP_OPTS)):
+                continue
+            argv.append(tok)
+        out.append((label, argv + ["--version"]))
+    return out, ""
+
+
+def clipal_module_probe(args, cfg: Path) -> list[str] | None:
+    """The clipal command with `-m clipal ...` replaced by a print of clipal.__file__ (None when the
+    command does not run `{python} -m clipal`)."""
+    template = shlex.split(args.clipal_cmd or DEFAULT_CLIPAL_CMD)
+    for i in range(len(template) - 2):
+        if template[i] == "{python}" and template[i + 1:i + 3] == ["-m", "clipal"]:
+            head = [x.format(config_dir=str(cfg), port=0, python=args.python) for x in template[:i + 1]]
+            return head + ["-c", "import clipal; print(clipal.__file__)"]
+    return None
+
+
+def timed_run(cmd: list[str], env: dict, cwd: str, timeout: float = 15.0) -> tuple[float, int, str]:
+    """Wall time exec -> exit of one command (own process group), its status and first output line."""
+    t0 = time.perf_counter()
+    p = PROCS.popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+        dt = time.perf_counter() - t0
+    except subprocess.TimeoutExpired:
+        return timeout, -1, f"killed after {timeout:.0f} s"
+    finally:
+        PROCS.stop(p, grace=1.0)
+    text = out.decode(errors="replace").strip()
+    return dt, p.returncode, text.splitlines()[0] if text else ""
+
+
+def health_ok(port: int) -> bool:
+    """One GET /health with a local Host header on a fresh connection: a 200?"""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=3.0) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n" % port)
+            head = s.recv(64)
+    except OSError:
+        return False
+    parts = head.split(b" ", 2)
+    return len(parts) >= 2 and parts[1] == b"200"
+
+
+STOP_TIMES: list[float] = []  # SIGTERM -> exit of each exec_to_health process (informational)
+
+
+def exec_to_health(cmd: list[str], env: dict | None, cwd: str, port: int, log_path: Path,
+                   timeout: float = 10.0) -> float:
+    """Seconds from exec to the first 200 on GET /health (polled every 2 ms); the process is stopped after
+    (SIGTERM to its group; the time until it exits goes to STOP_TIMES)."""
+    log = open(log_path, "ab")
+    try:
+        t0 = time.perf_counter()
+        p = PROCS.popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()
+    try:
+        while True:
+            if health_ok(port):
+                return time.perf_counter() - t0
+            if p.poll() is not None:
+                raise NotRunnable(f"exited with status {p.returncode} before /health answered (see {log_path})")
+            if time.perf_counter() - t0 > timeout:
+                raise NotRunnable(f"no 200 from /health within {timeout:.0f} s")
+            time.sleep(0.002)
+    finally:
+        t1 = time.perf_counter()
+        alive = p.poll() is None
+        PROCS.stop(p)
+        if alive:
+            STOP_TIMES.append(time.perf_counter() - t1)
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def _timings(xs: list[float]) -> dict:
+    return {"median_s": round(_median(xs), 4), "min_s": round(min(xs), 4), "max_s": round(max(xs), 4),
+            "runs_s": [round(x, 4) for x in xs]}
+
+
+def startup_phase(args, t: Target, ctx: dict) -> dict:
+    out: dict = {"runs": STARTUP_RUNS}
+    up_port, odir = ctx["up_port"], ctx["out"]
+    if t.name == "CLIPAL":
+        cfg = write_clipal_config(args, up_port, ctx["tmp_root"])  # the same config dir for every run
+        env = clipal_env(cfg)
+        cmds, why = version_commands(args, cfg)
+        out["version"] = {}
+        if why:
+            out["version_note"] = why
+        for label, cmd in cmds:
+            times, status, first = [], None, ""
+            for _ in range(STARTUP_RUNS):
+                dt, status, first = timed_run(cmd, env, clipal_cwd(cfg))
+                if status != 0:
+                    break
+                times.append(dt)
+            entry = {"command": " ".join(shlex.quote(c) for c in cmd), "output": first}
+            if status != 0:
+                entry["error"] = f"exit {status}: {first[:200]}"
+            else:
+                entry.update(_timings(times))
+            out["version"][label] = entry
+        probe = clipal_module_probe(args, cfg)
+        if probe:  # which clipal package the command imports (an older checkout through PYTHONPATH?)
+            _, status, first = timed_run(probe, env, clipal_cwd(cfg))
+            out["clipal_module"] = first if status == 0 else f"probe failed: exit {status}: {first[:200]}"
+        log_path = odir / "clipal-startup.log"
+        log_path.write_bytes(b"")
+
+        def once():
+            port = free_port()
+            return exec_to_health(clipal_command(args, cfg, port), env, clipal_cwd(cfg), port, log_path)
+        command = " ".join(shlex.quote(c) for c in clipal_command(args, cfg, "{port}"))
+    else:
+        exe = t.notes["command"].split()[0]
+        prefix = odir / "nginx-startup"
+        prefix.mkdir(parents=True, exist_ok=True)
+        conf = prefix / "nginx.conf"
+        log_path = odir / "nginx-startup.log"
+        log_path.write_bytes(b"")
+
+        def once():
+            port = free_port()
+            conf.write_text(nginx_conf(port, up_port, prefix, prefix, args.nginx_body_buffer))
+            return exec_to_health([exe, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "nginx-error.log")],
+                                  None, str(prefix), port, log_path)
+        command = f"{exe} -p {prefix} -c {conf}"
+    times = []
+    del STOP_TIMES[:]
+    try:
+        for _ in range(STARTUP_RUNS):
+            times.append(once())
+    except NotRunnable as e:
+        out["health"] = {"command": command, "error": str(e)}
+        return out
+    out["health"] = {"command": command, **_timings(times)}
+    if STOP_TIMES:
+        out["health"]["sigterm_to_exit_median_s"] = round(_median(STOP_TIMES), 4)
+    return out
 
 
 # ------------------------------------------------------------------- reporting --
@@ -564,6 +1003,7 @@ def rows_spec():
         ("b  total p50 ms", P("b", "total_ms", "p50"), f1, True),
         ("b  total p99 ms", P("b", "total_ms", "p99"), f1, True),
         ("b  largest event gap p99 ms", P("b", "max_gap_ms", "p99"), f1, True),
+        ("b  proxy CPU us per relayed event", lambda res, t: _per_event_us(res, t), f1, False),
         ("b2 1000 streams completed", P("b2", "completed"), f0, False),
         ("b2 total p99 ms", P("b2", "total_ms", "p99"), f1, True),
         ("c  seq 20x10MiB total s", P("c1", "total_s"), f3, True),
@@ -575,6 +1015,7 @@ def rows_spec():
         ("c  c=4 sha256 ok", P("c4", "ok"), f0, False),
         ("d  proxy CPU s, a c=64", R("a64", "proxy_cpu_s"), "{:.2f}", False),
         ("d  proxy CPU us/req, a c=64", lambda res, t: _per_req(res, t), f1, False),
+        ("d  proxy CPU/req x NGINX, a c=64", lambda res, t: _per_req_vs_nginx(res, t), "{:.1f}x", False),
         ("d  proxy CPU s, seq x2000", R("lat", "proxy_cpu_s"), "{:.2f}", False),
         ("d  proxy CPU s, b 200 streams", R("b", "proxy_cpu_s"), "{:.2f}", False),
         ("d  proxy CPU s, b2 1000 streams", R("b2", "proxy_cpu_s"), "{:.2f}", False),
@@ -586,6 +1027,96 @@ def rows_spec():
         ("d  peak RSS MB, c seq uploads", R("c1", "proxy_peak_rss_mb"), f1, False),
         ("d  peak RSS MB, c c=4 uploads", R("c4", "proxy_peak_rss_mb"), f1, False),
         ("d  upstream CPU s, a c=64", R("a64", "upstream_cpu_s"), "{:.2f}", False),
+    ] + agent_rows() + idle_rows() + startup_rows()
+
+
+def agent_key(label: str, sessions: int) -> str:
+    return f"{label}/s{sessions}"
+
+
+def agent_added_ttfb_ms(res, t, key):
+    """Added TTFB p50 over DIRECT for one (size, sessions) run of the agent phase."""
+    if t == "DIRECT":
+        return None
+    a, d = g(res, t, "agent", "runs", key, "ttfb_ms", "p50"), g(res, "DIRECT", "agent", "runs", key, "ttfb_ms", "p50")
+    return None if a is None or d is None else a - d
+
+
+def agent_rows():
+    A = lambda key, *k: (lambda res, t: g(res, t, "agent", "runs", key, *k))  # noqa: E731
+    f1, f2 = "{:.1f}", "{:.2f}"
+    rows = []
+    for label, _ in AGENT_SIZES:
+        for sessions in AGENT_PLAN:
+            key = agent_key(label, sessions)
+            name = f"ag {label:<4} s={sessions:<2}"
+
+            def done(res, t, key=key):
+                c, n = g(res, t, "agent", "runs", key, "completed"), g(res, t, "agent", "runs", key, "requests")
+                return None if c is None else f"{c}/{n}"
+            rows += [
+                (f"{name} completed", done, "{}", False),
+                (f"{name} TTFB p50 ms", A(key, "ttfb_ms", "p50"), f2, True),
+                (f"{name} TTFB p99 ms", A(key, "ttfb_ms", "p99"), f2, True),
+                (f"{name} added TTFB p50 ms", lambda res, t, key=key: agent_added_ttfb_ms(res, t, key), f2, False),
+                (f"{name} total p50 ms", A(key, "total_ms", "p50"), f1, True),
+                (f"{name} total p99 ms", A(key, "total_ms", "p99"), f1, True),
+            ]
+        rows += [
+            (f"ag {label:<4} proxy CPU ms/request", lambda res, t, label=label: _agent_cpu_ms(res, t, label), f2, False),
+            (f"ag {label:<4} proxy peak RSS MB", lambda res, t, label=label: _agent_peak(res, t, label), f1, False),
+        ]
+    return rows
+
+
+def _agent_cpu_ms(res, t, label):
+    cpu = n = 0
+    for sessions in AGENT_PLAN:
+        r = g(res, t, "agent", "runs", agent_key(label, sessions))
+        if not r or "error" in r or r.get("resources", {}).get("proxy_cpu_s") is None:
+            return None
+        cpu += r["resources"]["proxy_cpu_s"]
+        n += r["requests"]
+    return cpu / n * 1000 if n else None
+
+
+def _agent_peak(res, t, label):
+    xs = [g(res, t, "agent", "runs", agent_key(label, s), "resources", "proxy_peak_rss_mb") for s in AGENT_PLAN]
+    xs = [x for x in xs if x is not None]
+    return max(xs) if xs else None
+
+
+def idle_mode(res, t, want: str):
+    """The idle numbers of one watcher mode: CLIPAL's inotify/poll instance, NGINX's only one (for 'inotify')."""
+    modes = g(res, t, "idle", "modes") or {}
+    if t == "CLIPAL":
+        return modes.get(want)
+    return modes.get("default") if want == "inotify" else None
+
+
+def idle_rows():
+    I = lambda mode, k: (lambda res, t: "-" if t == "NGINX" and mode == "poll"  # noqa: E731
+                         else (idle_mode(res, t, mode) or {}).get(k))
+    return [
+        ("i  idle CPU ms/min, utime+stime", I("inotify", "cpu_ms_per_min"), "{:.1f}", False),
+        ("i  idle CPU ms/min, schedstat", I("inotify", "cpu_ms_per_min_schedstat"), "{:.2f}", False),
+        ("i  idle wakeups/min (voluntary csw)", I("inotify", "wakeups_per_min"), "{:.1f}", False),
+        ("i  poll watcher: CPU ms/min, utime+stime", I("poll", "cpu_ms_per_min"), "{:.1f}", False),
+        ("i  poll watcher: CPU ms/min, schedstat", I("poll", "cpu_ms_per_min_schedstat"), "{:.2f}", False),
+        ("i  poll watcher: wakeups/min", I("poll", "wakeups_per_min"), "{:.1f}", False),
+    ]
+
+
+def startup_rows():
+    V = lambda label: (lambda res, t: "-" if t == "NGINX"  # noqa: E731
+                       else g(res, t, "startup", "version", label, "median_s"))
+    return [
+        ("s  --version s, python -m clipal", V("python -m clipal"), "{:.3f}", False),
+        ("s  --version s, clipal-cmd", V("clipal-cmd"), "{:.3f}", False),
+        ("s  --version s, console script", V("console script"), "{:.3f}", False),
+        ("s  exec -> first /health 200 s", lambda res, t: g(res, t, "startup", "health", "median_s"), "{:.3f}", False),
+        ("s  SIGTERM -> exit s (idle)", lambda res, t: g(res, t, "startup", "health", "sigterm_to_exit_median_s"),
+         "{:.3f}", False),
     ]
 
 
@@ -598,6 +1129,20 @@ def _per_req(res, t):
     return None if cpu is None or not n else cpu / n * 1e6
 
 
+def _per_req_vs_nginx(res, t):
+    """Proxy CPU per request at c=64 as a multiple of NGINX's in the same run."""
+    if t == "DIRECT":
+        return None
+    me, ng = _per_req(res, t), _per_req(res, "NGINX")
+    return None if me is None or not ng else me / ng
+
+
+def _per_event_us(res, t):
+    """Proxy CPU per relayed SSE event in phase b: CPU s / (completed streams x events)."""
+    cpu, n, ev = g(res, t, "b", "resources", "proxy_cpu_s"), g(res, t, "b", "completed"), g(res, t, "b", "events")
+    return None if cpu is None or not n or not ev else cpu / (n * ev) * 1e6
+
+
 def build_table(res: dict, targets: list[str]) -> tuple[list[str], list[list[str]]]:
     header = ["metric"]
     for t in targets:
@@ -607,7 +1152,7 @@ def build_table(res: dict, targets: list[str]) -> tuple[list[str], list[list[str
     rows = []
     for label, fn, fmt, ratio in rows_spec():
         vals = {t: fn(res, t) for t in targets}
-        if all(v is None for v in vals.values()):
+        if all(v is None or v == "-" for v in vals.values()):
             continue
         row = [label]
         d = vals.get("DIRECT")
@@ -617,7 +1162,7 @@ def build_table(res: dict, targets: list[str]) -> tuple[list[str], list[list[str
                 # n/a: ran but no number (phase failed); -: not applicable or target not runnable
                 cell = "n/a" if res.get(t, {}).get("status") == "ok" and t != "DIRECT" else "-"
             else:
-                cell = fmt.format(v)
+                cell = v if isinstance(v, str) and "{}" not in fmt else fmt.format(v)  # "-": not applicable
             row.append(cell)
             if t != "DIRECT" and "DIRECT" in targets:
                 row.append(f"{v / d:.2f}x" if (ratio and v is not None and d) else "")
@@ -689,6 +1234,65 @@ def checks(res: dict, target: str, selected: set[str]) -> list[dict]:
         c("1000/1000 concurrent streams complete", ["b2"], lambda: me("b2", "completed"),
           lambda v: v == 1000, lambda v: f"{v}/1000"),
     ]
+    out += [
+        c("TTFB p50 <= 2.5x DIRECT", ["b"], lambda: me("b", "ttfb_ms", "p50") / direct("b", "ttfb_ms", "p50"),
+          lambda v: v <= 2.5, lambda v: f"{v:.2f}x ({me('b', 'ttfb_ms', 'p50'):.1f} ms vs {direct('b', 'ttfb_ms', 'p50'):.1f} ms)"),
+        c("largest event gap p99 <= 80 ms", ["b"], lambda: me("b", "max_gap_ms", "p99"),
+          lambda v: v <= 80.0, lambda v: f"{v:.1f} ms ({_per_event_us(res, target):.1f} us proxy CPU per event)"
+          if _per_event_us(res, target) is not None else f"{v:.1f} ms"),
+        c("agent: every request complete, body intact", ["agent"],
+          lambda: (me("agent", "completed"), me("agent", "body_ok"), me("agent", "requests"), me("agent", "errors")),
+          lambda v: v[0] == v[1] == v[2] and v[2] > 0 and not v[3],
+          lambda v: f"{v[0]}/{v[2]} complete, {v[1]} bodies intact" + (f"; {'; '.join(v[3])}" if v[3] else "")),
+    ]
+    if target == "CLIPAL":
+        nginx_ok = res.get("NGINX", {}).get("status") == "ok"
+        skip = lambda name, why: {"check": name, "result": "SKIP", "value": why}  # noqa: E731
+        name = "CPU/request <= 25x NGINX, a c=64"
+        if "a64" in selected and (not nginx_ok or _per_req(res, "NGINX") is None):
+            out.append(skip(name, "NGINX not measured in this run"))
+        else:
+            out.append(c(name, ["a64"], lambda: _per_req_vs_nginx(res, target), lambda v: v <= 25.0,
+                         lambda v: f"{v:.1f}x ({_per_req(res, target):.1f} us vs {_per_req(res, 'NGINX'):.1f} us)"))
+        for label, _ in AGENT_SIZES:
+            for sessions in (1, 8):
+                key = agent_key(label, sessions)
+                name = f"agent {label} s={sessions}: added TTFB p50 <= NGINX's + 1 ms"
+                if "agent" in selected and (not nginx_ok or agent_added_ttfb_ms(res, "NGINX", key) is None):
+                    out.append(skip(name, "NGINX not measured in this run"))
+                    continue
+                out.append(c(name, ["agent"], lambda key=key: (agent_added_ttfb_ms(res, target, key),
+                                                               agent_added_ttfb_ms(res, "NGINX", key)),
+                             lambda v: v[0] <= v[1] + 1.0, lambda v: f"{v[0]:.2f} ms vs NGINX {v[1]:.2f} ms"))
+
+        def idle_cpu(mode):
+            m = idle_mode(res, target, mode)
+            v = m.get("cpu_ms_per_min_schedstat")
+            return v if v is not None else m["cpu_ms_per_min"]
+        out += [
+            c("idle, inotify watcher: <= 6 wakeups/min", ["idle"],
+              lambda: idle_mode(res, target, "inotify")["wakeups_per_min"], lambda v: v <= 6.0,
+              lambda v: f"{v:.1f}/min (poll watcher: {(idle_mode(res, target, 'poll') or {}).get('wakeups_per_min')}/min; "
+                        f"NGINX {(idle_mode(res, 'NGINX', 'inotify') or {}).get('wakeups_per_min')}/min)"),
+            c("idle, inotify watcher: CPU <= 5 ms/min", ["idle"], lambda: idle_cpu("inotify"), lambda v: v <= 5.0,
+              lambda v: f"{v:.2f} ms/min (schedstat; utime+stime "
+                        f"{idle_mode(res, target, 'inotify')['cpu_ms_per_min']:.0f} ms/min)"),
+        ]
+        versions = me("startup", "version") or {}
+        if "startup" in selected and not versions and me("startup") and "error" not in me("startup"):
+            out.append(skip("--version <= 0.1 s", me("startup", "version_note") or "no clipal CLI"))
+        for label in versions or (["python -m clipal"] if "startup" not in selected else []):
+            out.append(c(f"--version <= 0.1 s ({label})", ["startup"],
+                         lambda label=label: versions[label].get("median_s", versions[label].get("error")),
+                         lambda v: isinstance(v, float) and v <= 0.1,
+                         lambda v: f"{v:.3f} s median of {STARTUP_RUNS}" if isinstance(v, float) else str(v)))
+        out.append(c("exec -> first /health 200 <= 0.35 s", ["startup"],
+                     lambda: me("startup", "health", "median_s") if me("startup", "health", "median_s") is not None
+                     else me("startup", "health", "error"),
+                     lambda v: isinstance(v, float) and v <= 0.35,
+                     lambda v: (f"{v:.3f} s median of {STARTUP_RUNS} (NGINX "
+                                f"{g(res, 'NGINX', 'startup', 'health', 'median_s') or '-'} s)")
+                     if isinstance(v, float) else str(v)))
     if target == "CLIPAL" and res.get("CLIPAL", {}).get("status") == "ok":
         hv = res["CLIPAL"].get("notes", {}).get("x_clipal_provider")
         out.append({"check": "X-Clipal-Provider header present", "result": "PASS" if hv else "FAIL",
@@ -705,9 +1309,10 @@ def checks(res: dict, target: str, selected: set[str]) -> list[dict]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="shorter load phases, no c=4 uploads (< 1 minute)")
+    ap.add_argument("--quick", action="store_true", help="shorter load phases, no c=4 uploads, fewer agent "
+                    "requests, 20 s idle window")
     ap.add_argument("--only", default="", help="phases or groups to run, comma-separated: "
-                    "a,b,b2,c or a1,a64,lat,b,b2,c1,c4 (default: all)")
+                    "a,b,b2,c,agent,idle,startup or a1,a64,lat,b,b2,c1,c4 (default: all)")
     ap.add_argument("--targets", default="direct,clipal,nginx", help="comma-separated subset of direct,clipal,nginx")
     ap.add_argument("--out", default=str(HERE / "out"), help="output directory (default bench/out)")
     ap.add_argument("--clipal-cmd", default="", help="command that starts clipal; '--config-dir D --port N "
@@ -717,6 +1322,9 @@ def parse_args(argv=None):
     ap.add_argument("--wrk", default=None, help="wrk binary (default: from PATH); --no-wrk to force the fallback")
     ap.add_argument("--no-wrk", action="store_true", help="use bench/client.js for phase a even if wrk exists")
     ap.add_argument("--nginx", default=None, help="nginx binary (default: from PATH or /usr/sbin/nginx)")
+    ap.add_argument("--nginx-body-buffer", default="2m", metavar="SIZE",
+                    help="nginx client_body_buffer_size for the agent phase's location (default 2m: the bodies "
+                    "stay in memory; 16k is nginx's default: to a temp file, and a ~40 ms Nagle/delayed-ACK stall)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when any CLIPAL check fails or is skipped")
     ap.add_argument("--keys", type=int, default=1, help="keys of clipal's provider (api_keys when > 1; default 1)")
     ap.add_argument("--access-tokens", action="store_true",
@@ -725,6 +1333,8 @@ def parse_args(argv=None):
                     "(\\n separates lines)")
     a = ap.parse_args(argv)
     a.wrk = None if a.no_wrk else (a.wrk or shutil.which("wrk"))
+    if not re.fullmatch(r"[0-9]+[kKmM]?", a.nginx_body_buffer):
+        ap.error("--nginx-body-buffer: a size such as 16k or 2m")
     return a
 
 
@@ -739,7 +1349,7 @@ def select_phases(only: str) -> list[str]:
         elif w in {grp for grp, _ in PHASES.values()}:
             keys.extend(k for k, (grp, _) in PHASES.items() if grp == w)
         else:
-            raise SystemExit(f"--only: unknown phase {w!r} (use a,b,b2,c or {','.join(PHASES)})")
+            raise SystemExit(f"--only: unknown phase {w!r} (use a,b,b2,c,agent,idle,startup or {','.join(PHASES)})")
     return [k for k in PHASES if k in keys]
 
 
@@ -774,6 +1384,7 @@ def main(argv=None) -> int:
                  "nofile": nofile},
         "clipal_commit": tool_version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
         "nginx_worker_processes": NGINX_WORKERS,
+        "nginx_agent_client_body_buffer_size": args.nginx_body_buffer,
         "load_tool": "wrk" if args.wrk else "bench/client.js (load mode)",
     }
     load1 = os.getloadavg()[0]
@@ -788,6 +1399,7 @@ def main(argv=None) -> int:
     try:
         up_proc, up_port = start_upstream(args, out)
         meta["upstream_port"] = up_port
+        ctx = {"up_port": up_port, "out": out, "tmp_root": tmp_root}
         print(f"upstream: node bench/upstream.js on 127.0.0.1:{up_port} (pid {up_proc.pid})", flush=True)
         for name in targets:
             entry = res.setdefault(name, {"phases": {}})
@@ -806,17 +1418,20 @@ def main(argv=None) -> int:
                 continue
             entry.update(status="ok", port=t.port, notes=t.notes)
             print(f"{name.lower()}: 127.0.0.1:{t.port}{t.prefix} "
-                  f"(pids {t.pids() or '-'})", flush=True)
+                  f"(pids {t.pids() or '-'})" + (f" clipal from {t.notes['clipal_module']}"
+                                                 if t.notes.get("clipal_module") else ""), flush=True)
             try:
                 # warm-up: connection pools, lazy imports, JIT-free but cache-warm
                 load_phase(args, t, 8, 1)
                 for key in phases:
+                    if name == "DIRECT" and key in ("idle", "startup"):
+                        continue  # the upstream itself has no proxy process to measure
                     settle(t, 1.0 if key in ("b2", "c1") else 0.4)
                     if t.proc is not None and t.proc.poll() is not None:
                         entry["phases"][key] = {"error": f"{name} exited with status {t.proc.returncode}"}
                         continue
                     ph0 = time.monotonic()
-                    r = run_phase(args, key, t, up_proc.pid)
+                    r = run_phase(args, key, t, up_proc.pid, ctx)
                     entry["phases"][key] = r
                     brief = r.get("error") or _brief(key, r)
                     print(f"  {name:<6} {key:<4} {time.monotonic() - ph0:5.1f}s  {brief}", flush=True)
@@ -842,8 +1457,14 @@ def main(argv=None) -> int:
     print()
     print(text)
     print()
+    unselected = {}
     for c in all_checks:
+        if c["result"] == "SKIP" and c["value"] == "phase not selected":
+            unselected[c["target"]] = unselected.get(c["target"], 0) + 1  # listed in results.md/json
+            continue
         print(f"{c['result']:<4}  {c['target']:<6}  {c['check']:<42}  {c['value']}")
+    for t, n in unselected.items():
+        print(f"SKIP  {t:<6}  {n} checks of phases not selected")
     for t in targets:
         if res.get(t, {}).get("status") != "ok":
             print(f"note: {t.lower()}: not runnable ({res[t].get('reason')})")
@@ -876,6 +1497,18 @@ def _brief(key: str, r: dict) -> str:
     if key in ("c1", "c4"):
         return (f"{r['ok']}/{r['count']} ok, {r['total_s']} s, {r['mb_per_s']} MiB/s, "
                 f"upstream got {r['bytes_upstream']} B" + tail)
+    if key == "agent":
+        return (f"{r['completed']}/{r['requests']} complete, {r['body_ok']} bodies intact"
+                + (f"; errors {r['errors']}" if r["errors"] else ""))
+    if key == "idle":
+        return "; ".join(f"{m}: {x['wakeups_per_min']} wakeups/min, cpu {x['cpu_ms_per_min_schedstat']} ms/min "
+                         f"(ticks {x['cpu_ms_per_min']}), fds {','.join(sorted(set(x['anon_fds']))) or '-'}"
+                         for m, x in r["modes"].items())
+    if key == "startup":
+        parts = ([f"clipal from {r['clipal_module']}"] if r.get("clipal_module") else []) + [f"--version ({k}) {v.get('median_s', v.get('error'))} s" for k, v in r.get("version", {}).items()]
+        h = r.get("health", {})
+        parts.append(f"exec->/health {h.get('median_s', h.get('error'))} s")
+        return "; ".join(parts)
     return ""
 
 

@@ -12,6 +12,14 @@
 //                                 ms; the last event is `data: [DONE]`.
 //   POST /v1/upload            -> reads the whole body, answers
 //                                 {"bytes": n, "sha256": "<hex>"}
+//   POST /v1/messages?events=N&interval=MS
+//                              -> Anthropic Messages-style SSE (the agent phase):
+//                                 reads the WHOLE request body first (as a real
+//                                 provider does), then sends the head with
+//                                 X-Bench-Body-Bytes / X-Bench-Body-Sha256 and
+//                                 event 0 (message_start, which repeats them),
+//                                 then one event every MS ms (default 40 events
+//                                 50 ms apart); the last is `event: message_stop`.
 //   GET  /health               -> {"status":"ok"}
 // Sockets use TCP_NODELAY, so each write leaves at once.
 'use strict';
@@ -109,6 +117,67 @@ function handleUpload(req, res) {
   });
 }
 
+// Anthropic-style stream: message_start, content_block_start, deltas,
+// content_block_stop, message_delta, message_stop (always `events` events).
+function handleMessages(req, res, url) {
+  const events = Math.max(6, Math.min(10000, parseInt(url.searchParams.get('events') || '40', 10) || 40));
+  const interval = Math.max(0, Math.min(60000, parseInt(url.searchParams.get('interval') || '50', 10) || 0));
+  const h = crypto.createHash('sha256');
+  let n = 0;
+  let i = 0;
+  let timer = null;
+  let done = false;
+  const finish = () => { done = true; if (timer) clearInterval(timer); timer = null; };
+  res.on('close', finish);
+  req.on('error', finish);
+  const sse = (type, obj) => 'event: ' + type + '\ndata: ' + JSON.stringify(obj) + '\n\n';
+  let sha = '';
+
+  const sendOne = () => {
+    if (done) return;
+    let ev;
+    if (i === 0) {
+      ev = sse('message_start', { type: 'message_start', message: { id: 'msg_bench', type: 'message',
+        role: 'assistant', model: 'bench-model', content: [], stop_reason: null,
+        usage: { input_tokens: Math.round(n / 4), output_tokens: 1 } }, bench: { bytes: n, sha256: sha } });
+    } else if (i === 1) {
+      ev = sse('content_block_start', { type: 'content_block_start', index: 0,
+        content_block: { type: 'text', text: '' } });
+    } else if (i === events - 3) {
+      ev = sse('content_block_stop', { type: 'content_block_stop', index: 0 });
+    } else if (i === events - 2) {
+      ev = sse('message_delta', { type: 'message_delta', delta: { stop_reason: 'end_turn', stop_sequence: null },
+        usage: { output_tokens: events - 5 } });
+    } else if (i === events - 1) {
+      ev = sse('message_stop', { type: 'message_stop' });
+    } else {
+      ev = sse('content_block_delta', { type: 'content_block_delta', index: 0,
+        delta: { type: 'text_delta', text: 'token ' + i + ' of the answer ' } });
+    }
+    i += 1;
+    if (i >= events) {
+      finish();
+      res.end(ev);
+    } else {
+      res.write(ev);
+    }
+  };
+
+  drain(req, (chunk) => { n += chunk.length; h.update(chunk); }, () => {
+    sha = h.digest('hex');
+    res.writeHead(200, {
+      'Content-Type': 'text/event-stream; charset=utf-8',
+      'Cache-Control': 'no-cache',
+      'X-Accel-Buffering': 'no',
+      'X-Bench-Body-Bytes': String(n),
+      'X-Bench-Body-Sha256': sha,
+      'request-id': 'req_bench',
+    });
+    sendOne(); // headers and message_start leave together
+    if (!done) timer = setInterval(sendOne, interval);
+  });
+}
+
 function notFound(req, res) {
   drain(req, null, () => {
     const body = Buffer.from('{"error":{"message":"not found","type":"not_found"}}');
@@ -123,6 +192,7 @@ const server = http.createServer({ noDelay: true, keepAlive: true }, (req, res) 
   if (p.endsWith('/v1/chat/completions')) return handleChat(req, res);
   if (p.endsWith('/v1/stream')) return handleStream(req, res, url);
   if (p.endsWith('/v1/upload')) return handleUpload(req, res);
+  if (p.endsWith('/v1/messages')) return handleMessages(req, res, url);
   if (p === '/health') {
     return drain(req, null, () => {
       res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': 15 });
