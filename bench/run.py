@@ -209,38 +209,6 @@ def task_ids(pid: int) -> list[str]:
         return []
 
 
-def ctxt_switches(pids: list[int]) -> tuple[int, int]:
-    """(voluntary, nonvoluntary) context switches summed over every thread of pids."""
-    vol = nonvol = 0
-    for pid in pids:
-        for tid in task_ids(pid):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/status") as f:
-                    for line in f:
-                        if line.startswith("voluntary_ctxt_switches:"):
-                            vol += int(line.split()[1])
-                        elif line.startswith("nonvoluntary_ctxt_switches:"):
-                            nonvol += int(line.split()[1])
-            except OSError:
-                continue
-    return vol, nonvol
-
-
-def sched_cpu_ns(pids: list[int]) -> int | None:
-    """CPU time in ns summed over every thread of pids (first field of /proc/PID/task/TID/schedstat:
-    exact, where utime+stime in /proc/PID/stat count whole clock ticks); None without schedstat."""
-    total, seen = 0, False
-    for pid in pids:
-        for tid in task_ids(pid):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
-                    seen = True
-            except (OSError, ValueError, IndexError):
-                continue
-    return total if seen else None
-
-
 def watcher_fds(pids: list[int]) -> list[str]:
     """The anon-inode descriptors (inotify, eventfd, ...) the processes hold, to show the watcher mode."""
     kinds = []
@@ -426,6 +394,9 @@ def clipal_env(cfg: Path, extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["CLIPAL_CONFIG_DIR"] = str(cfg)  # for commands without --config-dir (gunicorn)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # As installed by pip, which compiles the bytecode: a shell that sets PYTHONDONTWRITEBYTECODE
+    # would otherwise have every start compile clipal's modules from source again.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.update(extra or {})
     return env
 
@@ -710,13 +681,44 @@ def idle_settle(t: Target) -> None:
     http_call(t.port, "POST", t.agent_prefix + AGENT_PATH + "?events=6&interval=1", body)
 
 
+def _thread_counters(pid: int) -> dict[str, tuple[int | None, int]]:
+    """Per thread of pid: (schedstat CPU ns or None, voluntary context switches)."""
+    counters = {}
+    for tid in task_ids(pid):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                vol = next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns: int | None = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            ns = None
+        counters[tid] = (ns, vol)
+    return counters
+
+
 def _idle_snapshot(pids: list[int]) -> dict[int, tuple]:
     snap = {}
     for p in pids:
         cpu = cpu_seconds(p)
         if cpu is not None:
-            snap[p] = (cpu, sched_cpu_ns([p]), ctxt_switches([p]))
+            snap[p] = (cpu, _thread_counters(p))
     return snap
+
+
+def _thread_deltas(before: dict, after: dict) -> tuple[int | None, int, int]:
+    """(CPU ns, voluntary switches, threads gone) over the threads alive at both ends.
+
+    A thread that ends inside the window (gevent's resolver thread, say) takes
+    its counters with it; summed as a whole, the process would seem to have
+    run backwards.
+    """
+    both = [tid for tid in before if tid in after]
+    ns = None if any(before[t][0] is None or after[t][0] is None for t in both) else \
+        sum(after[t][0] - before[t][0] for t in both)
+    return ns, sum(after[t][1] - before[t][1] for t in both), len([t for t in before if t not in after])
 
 
 def idle_window(targets: dict[str, Target], seconds: float) -> dict:
@@ -732,10 +734,10 @@ def idle_window(targets: dict[str, Target], seconds: float) -> dict:
         a = _idle_snapshot(list(b))
         both = [p for p in b if p in a]  # a process that exits in the window drops out of both ends
         per_min = 60.0 / wall
-        cpu = sum(a[p][0] - b[p][0] for p in both)
-        ns = None if any(a[p][1] is None or b[p][1] is None for p in both) else sum(a[p][1] - b[p][1] for p in both)
-        vol = sum(a[p][2][0] - b[p][2][0] for p in both)
-        nonvol = sum(a[p][2][1] - b[p][2][1] for p in both)
+        cpu = sum(a[p][0] - b[p][0] for p in both)  # utime+stime of the process: ended threads included
+        deltas = [_thread_deltas(b[p][1], a[p][1]) for p in both]
+        ns = None if any(d[0] is None for d in deltas) else sum(d[0] for d in deltas)
+        vol = sum(d[1] for d in deltas)
         out[name] = {
             "window_s": round(wall, 2), "pids": both, "threads": sum(len(task_ids(p)) for p in both),
             "exited_during_window": [p for p in b if p not in a],
@@ -743,7 +745,7 @@ def idle_window(targets: dict[str, Target], seconds: float) -> dict:
             "cpu_ms_per_min": round(cpu * 1000 * per_min, 2),  # utime+stime, whole clock ticks
             "cpu_ms_per_min_schedstat": None if ns is None else round(ns / 1e6 * per_min, 3),
             "wakeups_per_min": round(vol * per_min, 1),  # voluntary context switches
-            "nonvoluntary_per_min": round(nonvol * per_min, 1),
+            "threads_ended_during_window": sum(d[2] for d in deltas),
             "anon_fds": watcher_fds(both),
         }
         if t.notes.get("env"):
