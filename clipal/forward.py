@@ -11,10 +11,11 @@ raises :class:`NetworkFailure`. Nothing has reached the client yet in
 either case. :func:`stream_rest` then relays the remaining bytes exactly as
 they arrive.
 
-Bytes are read with urllib3's ``read1(decode_content=False)``: it returns
-whatever has arrived (one recv) instead of waiting to fill a buffer, it
-removes chunked framing but never content encoding, so a gzip body stays
-gzip. Every wait on the upstream is bounded by the whole idle timeout (:class:`IdleTimer`).
+Bytes are read with urllib3's ``read1(decode_content=False)`` (after the
+commit point, a chunked body with http.client's own, see
+:func:`clipal.transport.body_reader`): it returns whatever has arrived (one
+recv) instead of waiting to fill a buffer, it removes chunked framing but
+never content encoding, so a gzip body stays gzip. Every wait on the upstream is bounded by the whole idle timeout (:class:`IdleTimer`).
 """
 
 from __future__ import annotations
@@ -235,41 +236,29 @@ def send(session: requests.Session, request: UpstreamRequest, body: Payload, idl
     The caller owns the returned response and must close it on every path.
     """
     connect = min(CONNECT_TIMEOUT, idle_timeout) if idle_timeout else CONNECT_TIMEOUT
-    timer = IdleTimer(idle_timeout)
+    timer = IdleTimer(idle_timeout)  # stopped after each wait; the Ready closes it, or it goes with the attempt
     try:
         adapter = session.get_adapter(request.url)
         prepared = prepare(request, _ClientPaced(body, timer) if isinstance(body, Replay) else body)
         with timer:
             response = adapter.send(prepared, stream=True, timeout=(connect, None),
                                     proxies=proxies_for(request.url))
-    except BaseException as exc:
-        timer.close()
-        failure = _network_failure(exc, idle_timeout)
-        if failure is exc:
-            raise
-        raise failure from None
+    except UpstreamIdle:
+        raise NetworkFailure(f"no response headers within {format_duration(idle_timeout)}", Kind.TIMEOUT) from None
+    except requests.exceptions.ConnectTimeout:
+        raise NetworkFailure("connect timeout") from None
+    except requests.exceptions.ConnectionError as exc:
+        if any(getattr(error, "errno", None) in NO_FILE_DESCRIPTORS for error in causes(exc)):
+            raise OutOfFileDescriptors(describe_error(exc)) from None  # clipal's shortage, not the provider's
+        raise NetworkFailure(refused_head(exc) or f"connection failed: {describe_error(exc)}") from None
+    except requests.exceptions.RequestException as exc:
+        raise NetworkFailure(f"request failed: {describe_error(exc)}") from None
 
     try:
         return _to_commit_point(request.method, response, timer, idle_timeout)
     except BaseException:
         response.close()
-        timer.close()
         raise
-
-
-def _network_failure(exc: BaseException, idle_timeout: float) -> BaseException:
-    """What a failure to get the response head means for the attempt (the exception itself if nothing)."""
-    if isinstance(exc, UpstreamIdle):
-        return NetworkFailure(f"no response headers within {format_duration(idle_timeout)}", Kind.TIMEOUT)
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return NetworkFailure("connect timeout")
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        if any(getattr(error, "errno", None) in NO_FILE_DESCRIPTORS for error in causes(exc)):
-            return OutOfFileDescriptors(describe_error(exc))  # clipal's shortage, not the provider's
-        return NetworkFailure(refused_head(exc) or f"connection failed: {describe_error(exc)}")
-    if isinstance(exc, requests.exceptions.RequestException):
-        return NetworkFailure(f"request failed: {describe_error(exc)}")
-    return exc
 
 
 def _to_commit_point(method: str, response: requests.Response, timer: IdleTimer, idle_timeout: float) -> Ready:

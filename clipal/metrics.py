@@ -66,13 +66,13 @@ from gevent.monkey import get_original
 
 from .classify import Verdict
 from .clients import CLIENTS
+from .routing import HALF_OPEN, OPEN, ProviderView
 
 # prometheus_client (checked with 0.26) guards every value with threading.Lock, which
 # gevent's patching makes a greenlet-aware lock at about a microsecond per use, several
 # uses per request. An update never yields to another greenlet, so the interpreter's own
 # lock is as correct here, across threads too, at a fraction of the cost.
 _values.Lock = get_original("_thread", "allocate_lock")
-from .routing import HALF_OPEN, OPEN, ProviderView
 
 #: The environ key under which the app leaves a request's :class:`RequestMeter`.
 METER = "clipal.meter"
