@@ -29,6 +29,7 @@ the parsed message is still exactly http.client's.
 from __future__ import annotations
 
 import email.parser
+import http
 import http.client
 import re
 import types
@@ -114,6 +115,26 @@ def _check_reason(reason: str) -> None:
     problem = forbidden_bytes(reason.encode("iso-8859-1").removesuffix(b"\r\n").removesuffix(b"\n"))
     if problem is not None:
         raise MalformedHeaderBlock(f"{problem} in the status line")
+
+
+#: A character a reason phrase must not hold: a control character other than HTAB (RFC 9112 §4 allows
+#: HTAB, SP, VCHAR and obs-text). Bare CR and NUL never get this far (:func:`_check_reason`).
+_NOT_IN_A_REASON = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def relayable_reason(status: int, reason: str) -> str:
+    """The reason phrase to relay: the upstream's, or the standard one for ``status`` if it holds control characters.
+
+    A reason phrase carries no meaning (clients ignore it), so a garbled one
+    is not worth failing over for; but relayed raw, an escape sequence in it
+    would reach whatever prints the client's status line.
+    """
+    if _NOT_IN_A_REASON.search(reason) is None:
+        return reason
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def _message(lines: list[bytes], _class):

@@ -225,3 +225,13 @@ def test_101_is_a_final_response():
 def test_response_heads_breaking_a_rule_are_refused(raw, problem):
     with pytest.raises(headerparse.MalformedHeaderBlock, match=f"\\({problem}\\)$"):
         read_response(raw)
+
+
+@pytest.mark.parametrize("status, reason, relayed", [
+    (200, "OK", "OK"),
+    (404, "Not\tFound", "Not\tFound"),
+    (503, "Busy\x1b[2J", "Service Unavailable"),
+    (599, "Custom\x07", ""),  # no standard phrase: an empty one rather than the bell
+])
+def test_relayable_reason(status, reason, relayed):
+    assert headerparse.relayable_reason(status, reason) == relayed

@@ -245,3 +245,37 @@ def test_malformed_header_block_fails_over_and_never_reaches_the_client(clipal, 
     out = proxy.wait_for_output("provider A failed")
     assert "malformed header block" in out
     assert "evil" not in out and "xxxxxxxx" not in out and "pppppppp" not in out  # no header values in the log
+
+
+# --------------------------------------------------------------------------- reason phrases
+
+
+def status_line(proxy) -> bytes:
+    body = json.dumps(CHAT_BODY).encode()
+    request = (f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock:
+        sock.sendall(request)
+        return sock.makefile("rb").readline()
+
+
+@pytest.mark.parametrize("reason, relayed", [
+    pytest.param("OK\x01\x1b[31mred", "OK", id="control-characters"),
+    pytest.param("Fine\x7f", "OK", id="DEL"),
+    pytest.param("Bad\x0bRequest", "Bad Request", id="vertical-tab-in-400"),
+    pytest.param("", "OK", id="empty-gets-the-standard-one"),
+    pytest.param("Everything\tFine", "Everything\tFine", id="tab-is-allowed"),
+    pytest.param("Tr\u00e8s bien", "Tr\u00e8s bien", id="obs-text-is-allowed"),
+])
+def test_a_reason_phrase_with_control_characters_reaches_the_client_as_the_standard_one(
+        clipal, raw_upstream, reason, relayed):
+    status = 400 if "Bad" in reason else 200
+    payload = json.dumps({"answer": "first"}).encode()
+    reply = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+             f"\r\n").encode("latin-1") + payload
+    a = raw_upstream(reply)
+    proxy = clipal(codex=[provider("A", a.url)])
+
+    line = status_line(proxy)
+    assert line == f"HTTP/1.1 {status} {relayed}\r\n".encode("latin-1")
+    assert len(a.requests) == 1  # relayed, not failed over
