@@ -117,8 +117,8 @@ def _check_reason(reason: str) -> None:
         raise MalformedHeaderBlock(f"{problem} in the status line")
 
 
-#: A character a reason phrase must not hold: a control character other than HTAB (RFC 9112 §4 allows
-#: HTAB, SP, VCHAR and obs-text). Bare CR and NUL never get this far (:func:`_check_reason`).
+#: A character a reason phrase must not hold: a control character other than HTAB (the grammar allows
+#: HTAB, SP, VCHAR and obs-text, RFC 9112 section 4). Bare CR and NUL never get this far (:func:`_check_reason`).
 _NOT_IN_A_REASON = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
