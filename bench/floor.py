@@ -19,7 +19,8 @@ the upstream half (connect, send, read, parse) as well.
 bench/run.py runs it in clipal's place:
 
     python bench/run.py --clipal-cmd "{python} /abs/bench/floor.py --config-dir {config_dir} --port {port}"
-    python bench/run.py --clipal-cmd "{python} /abs/bench/floor.py --answer-itself --config-dir {config_dir} --port {port}"
+    python bench/run.py --clipal-cmd "{python} /abs/bench/floor.py --answer-itself \
+        --config-dir {config_dir} --port {port}"
 
 It reads the upstream's base_url from the config dir's codex.yaml, as the
 harness writes it, and answers GET /health.

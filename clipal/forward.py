@@ -286,8 +286,8 @@ def _to_commit_point(method: str, response: requests.Response, timer: IdleTimer,
         raise NetworkFailure(f"connection broke before the body (HTTP {status}): {describe_error(exc)}") from None
 
     headers = end_to_end(list(response.raw.headers.items()))
-    return Ready(status=status, reason=relayable_reason(status, response.reason or ""), headers=headers, upstream_headers=response.headers,
-                 first=first, event=event, response=response, timer=timer)
+    return Ready(status=status, reason=relayable_reason(status, response.reason or ""), headers=headers,
+                 upstream_headers=response.headers, first=first, event=event, response=response, timer=timer)
 
 
 def stream_rest(ready: Ready) -> Iterator[bytes]:

@@ -23,7 +23,9 @@ line there, so ``X-A: a\rSet-Cookie: evil=1`` would reach the client as two
 headers), a NUL, and a block over 64 KiB in total (http.client only limits
 each line and the line count, so 6 MB passes). Interim 1xx responses are
 skipped (:meth:`HTTPResponse._read_status`). For a block those rules accept,
-the parsed message is still exactly http.client's.
+the parsed message is still exactly http.client's. A reason phrase with other
+control characters is relayed as the status's standard phrase
+(:func:`relayable_reason`).
 """
 
 from __future__ import annotations
@@ -117,8 +119,9 @@ def _check_reason(reason: str) -> None:
         raise MalformedHeaderBlock(f"{problem} in the status line")
 
 
-#: A character a reason phrase must not hold: a control character other than HTAB (the grammar allows
-#: HTAB, SP, VCHAR and obs-text, RFC 9112 section 4). Bare CR and NUL never get this far (:func:`_check_reason`).
+#: A character a reason phrase must not hold: a control character other than HTAB (the grammar
+#: allows HTAB, SP, VCHAR and obs-text, RFC 9112 section 4). Bare CR and NUL never get this far
+#: (:func:`_check_reason` fails the attempt on them).
 _NOT_IN_A_REASON = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
