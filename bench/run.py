@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""clipal benchmark harness: DIRECT vs CLIPAL vs NGINX, all on loopback.
+"""clipal benchmark harness: DIRECT vs CLIPAL vs NGINX (and FLOOR), all on loopback.
 
     /work/venv/bin/python bench/run.py [--quick] [--only a,b,b2,c,agent,idle,startup]
-                                       [--targets direct,clipal,nginx] [--out bench/out]
+                                       [--targets direct,clipal,floor,nginx] [--out bench/out]
                                        [--clipal-cmd CMD] [--nginx-body-buffer 2m] [--strict]
 
 Starts a fast fake upstream (bench/upstream.js, Node), then for each target in
@@ -12,6 +12,10 @@ upload and precise-latency clients are always bench/client.js), samples the
 proxy's CPU and RSS from /proc during every phase, and stops it again.  Prints
 a side-by-side table with ratios against DIRECT, PASS/FAIL lines for the
 targets clipal must meet, and writes results.json and results.md into --out.
+
+FLOOR (opt-in, `--targets direct,clipal,floor,nginx`) is bench/floor.py: the
+same Flask + gevent + requests stack with nothing of clipal on it, so that a
+run also says what clipal costs above the stack it is built on.
 
 Besides the request-path phases (a, b, b2, c): `agent` (Claude Code-like
 sessions: large JSON bodies answered with ~2 s streams, TTFB added over
@@ -50,7 +54,7 @@ REPO = HERE.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
-TARGETS = ("DIRECT", "CLIPAL", "NGINX")
+TARGETS = ("DIRECT", "CLIPAL", "FLOOR", "NGINX")
 #: The Bearer key every load client sends (an access token with --access-tokens; stripped otherwise).
 CLIENT_TOKEN = "sk-client-bench-token"
 NGINX_WORKERS = 1  # clipal is one process; nginx gets one worker too (2 cores are shared with load + upstream)
@@ -425,6 +429,23 @@ def start_clipal(args, up_port: int, out: Path, tmp_root: Path, env_extra: dict 
         if probe:
             _, status, first = timed_run(probe, env, clipal_cwd(cfg))
             t.notes["clipal_module"] = first if status == 0 else f"probe failed (exit {status})"
+    return ready_or_stopped(t, errlog)
+
+
+def start_floor(args, up_port: int, out: Path, tmp_root: Path) -> Target:
+    """bench/floor.py with the config dir clipal gets (it reads the upstream from codex.yaml)."""
+    cfg = write_clipal_config(args, up_port, tmp_root)
+    port = free_port()
+    cmd = [args.python, str(HERE / "floor.py"), "--config-dir", str(cfg), "--port", str(port)]
+    errlog = out / "floor.log"
+    log = open(errlog, "wb")
+    try:
+        proc = PROCS.popen(cmd, cwd=clipal_cwd(cfg), env=clipal_env(cfg, None), stdin=subprocess.DEVNULL,
+                           stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()
+    t = Target("FLOOR", port, "/codex", proc, agent_prefix="/claudecode")
+    t.notes.update(command=" ".join(shlex.quote(c) for c in cmd), log=str(errlog))
     return ready_or_stopped(t, errlog)
 
 
@@ -1184,6 +1205,29 @@ def fmt_md(header, rows) -> str:
     return "\n".join(out)
 
 
+def floor_checks(res: dict, c) -> list[dict]:
+    """CLIPAL against FLOOR, the same stack without clipal's rules: what clipal adds to the stack it is built on."""
+    mine = lambda *k: g(res, "CLIPAL", *k)  # noqa: E731
+    floor = lambda *k: g(res, "FLOOR", *k)  # noqa: E731
+    out = [
+        c("CPU/request <= FLOOR's, a c=64", ["a64"], lambda: (_per_req(res, "CLIPAL"), _per_req(res, "FLOOR")),
+          lambda v: v[0] <= v[1], lambda v: f"{v[0]:.0f} us vs FLOOR {v[1]:.0f} us"),
+        c("200 streams: TTFB p50 <= FLOOR's", ["b"], lambda: (mine("b", "ttfb_ms", "p50"), floor("b", "ttfb_ms", "p50")),
+          lambda v: v[0] <= v[1], lambda v: f"{v[0]:.1f} ms vs FLOOR {v[1]:.1f} ms"),
+        c("200 streams: total p50 <= FLOOR's", ["b"], lambda: (mine("b", "total_ms", "p50"), floor("b", "total_ms", "p50")),
+          lambda v: v[0] <= v[1], lambda v: f"{v[0]:.1f} ms vs FLOOR {v[1]:.1f} ms"),
+        c("CPU per relayed event <= FLOOR's", ["b"], lambda: (_per_event_us(res, "CLIPAL"), _per_event_us(res, "FLOOR")),
+          lambda v: v[0] <= v[1], lambda v: f"{v[0]:.0f} us vs FLOOR {v[1]:.0f} us"),
+    ]
+    for label, _ in AGENT_SIZES:
+        for sessions in (1, 8):
+            key = agent_key(label, sessions)
+            out.append(c(f"agent {label} s={sessions}: added TTFB p50 <= FLOOR's", ["agent"],
+                         lambda key=key: (agent_added_ttfb_ms(res, "CLIPAL", key), agent_added_ttfb_ms(res, "FLOOR", key)),
+                         lambda v: v[0] <= v[1], lambda v: f"{v[0]:.2f} ms vs FLOOR {v[1]:.2f} ms"))
+    return out
+
+
 def checks(res: dict, target: str, selected: set[str]) -> list[dict]:
     """The targets clipal must meet (also evaluated for NGINX, as a harness self-check)."""
     nginx_rps = g(res, "NGINX", "a64", "rps")
@@ -1247,9 +1291,9 @@ def checks(res: dict, target: str, selected: set[str]) -> list[dict]:
           lambda v: v[0] == v[1] == v[2] and v[2] > 0 and not v[3],
           lambda v: f"{v[0]}/{v[2]} complete, {v[1]} bodies intact" + (f"; {'; '.join(v[3])}" if v[3] else "")),
     ]
-    if target == "CLIPAL":
+    skip = lambda name, why: {"check": name, "result": "SKIP", "value": why}  # noqa: E731
+    if target in ("CLIPAL", "FLOOR"):
         nginx_ok = res.get("NGINX", {}).get("status") == "ok"
-        skip = lambda name, why: {"check": name, "result": "SKIP", "value": why}  # noqa: E731
         name = "CPU/request <= 25x NGINX, a c=64"
         if "a64" in selected and (not nginx_ok or _per_req(res, "NGINX") is None):
             out.append(skip(name, "NGINX not measured in this run"))
@@ -1266,7 +1310,9 @@ def checks(res: dict, target: str, selected: set[str]) -> list[dict]:
                 out.append(c(name, ["agent"], lambda key=key: (agent_added_ttfb_ms(res, target, key),
                                                                agent_added_ttfb_ms(res, "NGINX", key)),
                              lambda v: v[0] <= v[1] + 1.0, lambda v: f"{v[0]:.2f} ms vs NGINX {v[1]:.2f} ms"))
-
+    if target == "CLIPAL" and res.get("FLOOR", {}).get("status") == "ok":
+        out += floor_checks(res, c)
+    if target == "CLIPAL":
         def idle_cpu(mode):
             m = idle_mode(res, target, mode)
             v = m.get("cpu_ms_per_min_schedstat")
@@ -1315,7 +1361,8 @@ def parse_args(argv=None):
                     "requests, 20 s idle window")
     ap.add_argument("--only", default="", help="phases or groups to run, comma-separated: "
                     "a,b,b2,c,agent,idle,startup or a1,a64,lat,b,b2,c1,c4 (default: all)")
-    ap.add_argument("--targets", default="direct,clipal,nginx", help="comma-separated subset of direct,clipal,nginx")
+    ap.add_argument("--targets", default="direct,clipal,nginx", help="comma-separated subset of "
+                    "direct,clipal,floor,nginx (floor: bench/floor.py, the stack without clipal)")
     ap.add_argument("--out", default=str(HERE / "out"), help="output directory (default bench/out)")
     ap.add_argument("--clipal-cmd", default="", help="command that starts clipal; '--config-dir D --port N "
                     "--log-level error' is appended unless it contains {config_dir}/{port} placeholders")
@@ -1412,6 +1459,8 @@ def main(argv=None) -> int:
                     smoke(t)
                 elif name == "CLIPAL":
                     t = start_clipal(args, up_port, out, tmp_root)
+                elif name == "FLOOR":
+                    t = start_floor(args, up_port, out, tmp_root)
                 else:
                     t = start_nginx(args, up_port, out)
             except NotRunnable as e:
@@ -1426,8 +1475,8 @@ def main(argv=None) -> int:
                 # warm-up: connection pools, lazy imports, JIT-free but cache-warm
                 load_phase(args, t, 8, 1)
                 for key in phases:
-                    if name == "DIRECT" and key in ("idle", "startup"):
-                        continue  # the upstream itself has no proxy process to measure
+                    if name in ("DIRECT", "FLOOR") and key in ("idle", "startup"):
+                        continue  # the upstream has no proxy process; the floor has no CLI or watcher
                     settle(t, 1.0 if key in ("b2", "c1") else 0.4)
                     if t.proc is not None and t.proc.poll() is not None:
                         entry["phases"][key] = {"error": f"{name} exited with status {t.proc.returncode}"}
@@ -1451,7 +1500,7 @@ def main(argv=None) -> int:
     meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
     header, rows = build_table(res, targets)
     all_checks = []
-    for t in ("CLIPAL", "NGINX"):
+    for t in ("CLIPAL", "FLOOR", "NGINX"):
         if t in targets:
             all_checks += checks(res, t, set(phases))
 
