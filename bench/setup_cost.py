@@ -27,6 +27,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from fake_upstream import fake_upstream
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SERVERS = {
@@ -89,10 +91,7 @@ def main() -> None:
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--node", default="node")
     args = ap.parse_args()
-    upstream = subprocess.Popen([args.node, str(HERE / "upstream.js"), "--port", "0", "--watch-stdin"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        up_port = int(upstream.stdout.readline().split()[1])
+    with fake_upstream(args.node) as up_port:
         config_dir = tempfile.mkdtemp(prefix="clipal-setup-cost-")
         provider = f"providers:\n  - name: bench\n    base_url: http://127.0.0.1:{up_port}\n    api_key: sk-bench-key\n"
         Path(config_dir, "codex.yaml").write_text(provider)
@@ -102,10 +101,6 @@ def main() -> None:
                 per_stream, ttfb, completed = measure(args, name, config_dir)
                 print(f"turn {turn}  {name:16s} {per_stream:6.3f} ms CPU per stream   TTFB p50 {ttfb:7.1f} ms   "
                       f"{completed}/{args.streams} complete", flush=True)
-    finally:
-        upstream.stdin.close()
-        upstream.terminate()
-        upstream.wait(10)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ monkey.patch_all()
 import argparse  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -30,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from clipal import forward, transport  # noqa: E402
+from fake_upstream import fake_upstream  # noqa: E402
 from clipal.outbound import UpstreamRequest  # noqa: E402
 
 BODY = b'{"model":"bench-model","stream":true,"messages":[{"role":"user","content":"Stream please."}]}'
@@ -70,19 +70,12 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=200)
     ap.add_argument("--node", default="node")
     args = ap.parse_args()
-    upstream = subprocess.Popen([args.node, str(HERE / "upstream.js"), "--port", "0", "--watch-stdin"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        port = int(upstream.stdout.readline().split()[1])
+    with fake_upstream(args.node) as port:
         one_round(port, 20)  # warm
         for n in range(1, args.rounds + 1):
             cpu_us, ttfb_ms = one_round(port, args.streams)
             print(f"round {n}: {cpu_us:5.0f} µs CPU per attempt, first event p50 {ttfb_ms:6.1f} ms "
                   f"({args.streams} at once)", flush=True)
-    finally:
-        upstream.stdin.close()
-        upstream.terminate()
-        upstream.wait(10)
 
 
 if __name__ == "__main__":
