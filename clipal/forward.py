@@ -35,7 +35,6 @@ from .completion import looks_like_sse
 from .decode import Decoder, decoded
 from .outbound import UpstreamRequest, end_to_end
 from .frontdoor import NO_FILE_DESCRIPTORS, OutOfFileDescriptors
-from .headerparse import relayable_reason
 from .transport import body_reader, causes, describe_error, prepare, proxies_for, refused_head
 
 #: Largest read handed to the client at once; smaller reads return as soon as bytes arrive.
@@ -286,8 +285,8 @@ def _to_commit_point(method: str, response: requests.Response, timer: IdleTimer,
         raise NetworkFailure(f"connection broke before the body (HTTP {status}): {describe_error(exc)}") from None
 
     headers = end_to_end(list(response.raw.headers.items()))
-    return Ready(status=status, reason=relayable_reason(status, response.reason or ""), headers=headers,
-                 upstream_headers=response.headers, first=first, event=event, response=response, timer=timer)
+    return Ready(status=status, reason=response.reason or "", headers=headers, upstream_headers=response.headers,
+                 first=first, event=event, response=response, timer=timer)
 
 
 def stream_rest(ready: Ready) -> Iterator[bytes]:

@@ -188,6 +188,6 @@ class HTTPResponse(http.client.HTTPResponse):
             version, status, reason = super()._read_status()
             _check_reason(reason)
             if not 100 <= status < 200 or status == 101:
-                return version, status, reason
+                return version, status, relayable_reason(status, reason.rstrip("\r\n"))
             read_header_lines(self.fp)  # held to the same rules, then dropped
         raise MalformedHeaderBlock(f"more than {MAX_INTERIM_RESPONSES} interim responses")
